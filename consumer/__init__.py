@@ -1,0 +1,1 @@
+"""clipguard.consumer"""

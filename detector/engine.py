@@ -1,0 +1,141 @@
+"""Batched inference: the model resident on one device, images in, calibrated scores out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from clipguard.detector.checkpoint import Manifest, load_checkpoint
+from clipguard.detector.heads import Detector
+from clipguard.detector.preprocess import preprocess_batch
+
+AI_LABEL = "ai_generated"
+REAL_LABEL = "real"
+
+
+class EngineConfig(BaseModel):
+    """Where and how the model runs. ``auto`` picks CUDA when present, fp16 on it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    channels_last: bool = True
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    warmup_batches: int = Field(default=2, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's calibrated outcome, before any moderation policy is applied."""
+
+    ai_score: float
+    label: str
+    source: str | None
+    source_scores: dict[str, float]
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """Reduced precision only where it pays: on CUDA. CPU stays fp32 for exact scores."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+class InferenceEngine:
+    """Owns the model on its device; call from one thread only."""
+
+    def __init__(self, detector: Detector, manifest: Manifest, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.manifest = manifest
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        self.model = detector.eval().to(self.device)
+        if self.config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.temperature = manifest.calibration.temperature
+        self.threshold = manifest.calibration.threshold
+        self.classes = list(manifest.classes)
+        self.warmed_up = False
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> InferenceEngine:
+        detector, manifest = load_checkpoint(path)
+        return cls(detector, manifest, config)
+
+    @property
+    def preprocess(self):  # noqa: ANN201 - PreprocessConfig, re-exported for callers
+        return self.manifest.preprocess
+
+    def _autocast(self):  # noqa: ANN202
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    def warm_up(self) -> None:
+        """Run full-size batches once so the first real batch pays no allocation cost."""
+        size = self.manifest.preprocess.image_size
+        dummy = torch.zeros(self.config.max_batch_size, 3, size, size)
+        for _ in range(self.config.warmup_batches):
+            self.scores(dummy)
+        self.warmed_up = True
+
+    def scores(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,3,S,S) -> calibrated P(AI) (N,) and source probabilities (N, C), on the CPU."""
+        ai_parts: list[torch.Tensor] = []
+        source_parts: list[torch.Tensor] = []
+        step = self.config.max_batch_size
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, pixels.shape[0], step):
+                chunk = pixels[start : start + step].to(self.device, non_blocking=True)
+                if self.config.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                out = self.model(chunk)
+                ai_parts.append(torch.sigmoid(out.binary_logit.float() / self.temperature).cpu())
+                source_parts.append(torch.softmax(out.source_logits.float(), dim=-1).cpu())
+        if not ai_parts:
+            return torch.empty(0), torch.empty(0, len(self.classes))
+        return torch.cat(ai_parts), torch.cat(source_parts)
+
+    def predict_tensors(self, pixels: torch.Tensor) -> list[Prediction]:
+        ai_scores, source_probs = self.scores(pixels)
+        predictions = [self._prediction(float(a), p) for a, p in zip(ai_scores, source_probs)]
+        if len(predictions) != pixels.shape[0]:  # one output per input, always
+            raise RuntimeError(f"{pixels.shape[0]} inputs gave {len(predictions)} predictions")
+        return predictions
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
+        return self.predict_tensors(preprocess_batch(images, self.manifest.preprocess))
+
+    def _prediction(self, ai_score: float, source_probs: torch.Tensor) -> Prediction:
+        probs = source_probs.tolist()
+        is_ai = ai_score >= self.threshold
+        source = None
+        if is_ai:
+            generator = max(range(1, len(probs)), key=probs.__getitem__)
+            source = self.classes[generator]
+        return Prediction(
+            ai_score=ai_score,
+            label=AI_LABEL if is_ai else REAL_LABEL,
+            source=source,
+            source_scores={name: round(p, 6) for name, p in zip(self.classes, probs)},
+        )
