@@ -125,7 +125,7 @@ def _load_pretrained(spec: BackboneSpec) -> nn.Module:
             f"could not load pretrained weights {spec.pretrained!r} for {spec.name!r}: {exc}. "
             "Offline, pass a local open_clip weights file instead of a tag."
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - download errors come in many types
+    except Exception as exc:
         raise BackboneError(
             f"could not fetch pretrained weights {spec.pretrained!r} for {spec.name!r} "
             f"({type(exc).__name__}: {exc}). Offline, pass a local weights file."

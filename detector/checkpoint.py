@@ -139,7 +139,9 @@ def _read_single_file_manifest(path: Path) -> str:
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
     if METADATA_KEY not in meta:
-        raise CheckpointError(f"{path} has no {METADATA_KEY!r} metadata: not a clipguard checkpoint")
+        raise CheckpointError(
+            f"{path} has no {METADATA_KEY!r} metadata: not a clipguard checkpoint"
+        )
     return meta[METADATA_KEY]
 
 

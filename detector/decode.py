@@ -6,6 +6,7 @@ the pixel count from the header before a single pixel is decompressed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -93,10 +94,9 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
             image_format = image.format
             image.seek(0)
             image.load()
-            try:
+            # A broken EXIF block must not cost the image: keep it as stored.
+            with contextlib.suppress(Exception):
                 image = ImageOps.exif_transpose(image)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the image
-                pass
             rgb = to_rgb(image)
             rgb.load()
     except (EmptyImageError, DecompressionBombError, CorruptImageError):
@@ -109,7 +109,7 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
         raise DecompressionBombError(str(exc)) from exc
     except MemoryError as exc:
         raise DecompressionBombError("image needs more memory than allowed") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
+    except Exception as exc:
         raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
     rgb.info["clipguard.format"] = image_format
     return rgb

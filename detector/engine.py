@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.detector.checkpoint import Manifest, load_checkpoint
 from clipguard.detector.heads import Detector
-from clipguard.detector.preprocess import preprocess_batch
+from clipguard.detector.preprocess import PreprocessConfig, preprocess_batch
 
 AI_LABEL = "ai_generated"
 REAL_LABEL = "real"
@@ -78,15 +78,17 @@ class InferenceEngine:
         self.warmed_up = False
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> InferenceEngine:
+    def from_checkpoint(
+        cls, path: str | Path, config: EngineConfig | None = None
+    ) -> InferenceEngine:
         detector, manifest = load_checkpoint(path)
         return cls(detector, manifest, config)
 
     @property
-    def preprocess(self):  # noqa: ANN201 - PreprocessConfig, re-exported for callers
+    def preprocess(self) -> PreprocessConfig:
         return self.manifest.preprocess
 
-    def _autocast(self):  # noqa: ANN202
+    def _autocast(self) -> AbstractContextManager[None]:
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.dtype)
         return nullcontext()
@@ -118,7 +120,9 @@ class InferenceEngine:
 
     def predict_tensors(self, pixels: torch.Tensor) -> list[Prediction]:
         ai_scores, source_probs = self.scores(pixels)
-        predictions = [self._prediction(float(a), p) for a, p in zip(ai_scores, source_probs)]
+        predictions = [
+            self._prediction(float(a), p) for a, p in zip(ai_scores, source_probs, strict=True)
+        ]
         if len(predictions) != pixels.shape[0]:  # one output per input, always
             raise RuntimeError(f"{pixels.shape[0]} inputs gave {len(predictions)} predictions")
         return predictions
@@ -137,5 +141,5 @@ class InferenceEngine:
             ai_score=ai_score,
             label=AI_LABEL if is_ai else REAL_LABEL,
             source=source,
-            source_scores={name: round(p, 6) for name, p in zip(self.classes, probs)},
+            source_scores={name: round(p, 6) for name, p in zip(self.classes, probs, strict=True)},
         )

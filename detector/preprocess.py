@@ -50,11 +50,10 @@ def fit(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     width, height = image.size
     short = min(width, height)
     # ``crop`` never downsizes; an image smaller than the crop is scaled up to fit.
-    if cfg.policy == "resize" or short < size:
-        if short != size:
-            scale = size / short
-            new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(new_size, _RESAMPLE[cfg.interpolation])
+    if (cfg.policy == "resize" or short < size) and short != size:
+        scale = size / short
+        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(new_size, _RESAMPLE[cfg.interpolation])
     if image.size != (size, size):
         image = _center_crop(image, size)
     return image
