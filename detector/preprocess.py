@@ -37,25 +37,27 @@ class PreprocessConfig(BaseModel):
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
 
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    left = (width - size) // 2
-    top = (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def fit(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Geometric step: bring an RGB image to ``image_size`` square per the policy."""
+    """Geometric step: bring an RGB image to ``image_size`` square per the policy.
+
+    ``resize`` equals "shortest side to size, then centre crop", done as centre square
+    first so a 1 x 40M-pixel strip never becomes a giant intermediate image. ``crop``
+    never downsizes; an image smaller than the crop is scaled up to fit.
+    """
     size = cfg.image_size
-    width, height = image.size
-    short = min(width, height)
-    # ``crop`` never downsizes; an image smaller than the crop is scaled up to fit.
-    if (cfg.policy == "resize" or short < size) and short != size:
-        scale = size / short
-        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = image.resize(new_size, _RESAMPLE[cfg.interpolation])
-    if image.size != (size, size):
-        image = _center_crop(image, size)
+    short = min(image.size)
+    if cfg.policy == "crop" and short >= size:
+        return _center_crop(image, size, size)
+    if image.width != image.height:
+        image = _center_crop(image, short, short)
+    if short != size:
+        image = image.resize((size, size), _RESAMPLE[cfg.interpolation])
     return image
 
 

@@ -1,0 +1,175 @@
+"""Worker settings: flags > ``CLIPGUARD_*`` environment > TOML config file > defaults.
+
+Built once by the command, frozen, and passed down; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from typing_extensions import Self
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class ClipguardSettings(BaseSettings):
+    """Base for every command's settings: env prefix, TOML file, strict keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLIPGUARD_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Self:
+        """Build settings from flags (``overrides``), environment and an optional TOML file."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        settings_cls = cls
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise SettingsError([f"config file not found: {path}"])
+            file_config = {**cls.model_config, "toml_file": path}
+            settings_cls = type(cls.__name__, (cls,), {"model_config": file_config})
+        try:
+            return settings_cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError.from_validation(exc) from None
+        except ValueError as exc:  # a malformed TOML file
+            raise SettingsError([f"cannot read config file {config_file}: {exc}"]) from None
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used, with one actionable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> SettingsError:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            flag = "--" + name.replace("_", "-")
+            env = "CLIPGUARD_" + name.upper()
+            problems.append(f"invalid setting {name} ({flag} / {env}): {error['msg']}")
+        return cls(problems)
+
+
+class KafkaSettings(ClipguardSettings):
+    """Connection to any Kafka-protocol cluster."""
+
+    bootstrap_servers: str
+    client_id: str = "clipguard"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        bad = [s for s in servers if not _HOST_PORT.match(s)]
+        if not servers or bad:
+            raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {value!r}")
+        return ",".join(servers)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """kafka-python connection keywords shared by consumers, producers and admins."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            kwargs["ssl_cafile"] = str(self.ssl_cafile)
+        return kwargs
+
+
+class WorkerSettings(KafkaSettings):
+    """Everything ``clipguard serve`` needs; DESIGN.md "Command line" names the flags."""
+
+    checkpoint: Path
+    input_topic: str = "uploads"
+    output_topic: str = "verdicts"
+    dlq_topic: str = "uploads.dlq"
+    group_id: str = "clipguard"
+    group_instance_id: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    max_poll_records: int = Field(default=256, ge=1, le=10_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    produce_timeout_s: float = Field(default=30.0, gt=0)
+
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    metrics_enabled: bool = True
+
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+    file_root: Path | None = None
+
+    review_at: float | None = Field(default=None, ge=0.0, le=1.0)
+    block_at: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("input_topic", "output_topic", "dlq_topic", "group_id")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", value):
+            raise ValueError(f"{value!r} is not a valid Kafka name")
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(f"checkpoint not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorkerSettings:
+        if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
+            raise ValueError("input, output and dead-letter topics must all differ")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        review, block = self.review_at, self.block_at
+        if review is not None and block is not None and review > block:
+            raise ValueError("review_at must not exceed block_at")
+        return self
