@@ -1,0 +1,5 @@
+import sys
+
+from clipguard.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared plumbing for the subcommands: flags -> settings, errors -> exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".mpo",
+}
+
+
+def flag_values(args: argparse.Namespace, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The flags the user actually gave (argparse defaults are ``SUPPRESS``)."""
+    skip = {"command", "func", "config", *exclude}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """A flag whose absence leaves the setting to the environment, config file or default."""
+    parser.add_argument(name, default=None, **kwargs)
+
+
+def iter_files(paths: Iterable[str | Path], *, all_files: bool = True) -> Iterator[Path]:
+    """Files named directly, then every file under named directories (sorted, recursive)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+                if all_files or child.suffix.lower() in IMAGE_SUFFIXES:
+                    yield child
+        else:
+            yield path
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kafka", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

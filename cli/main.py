@@ -1,0 +1,52 @@
+"""The ``clipguard`` command: the composition root that wires detector, training and consumer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from clipguard.cli import broker, demo, predict, produce, serve, train
+from clipguard.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
+from clipguard.consumer.config import SettingsError
+from clipguard.detector.errors import ClipguardError
+
+log = logging.getLogger("clipguard")
+
+COMMANDS = (serve, demo, train, predict, broker, produce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipguard",
+        description="Flag AI-generated images in Kafka upload streams with a CLIP detector.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"clipguard {args.command}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClipguardError as exc:
+        print(f"clipguard {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``clipguard predict``: judge image files offline, one JSON line per file."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from clipguard.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_flag,
+    flag_values,
+    iter_files,
+    print_json,
+)
+from clipguard.consumer.config import ClipguardSettings
+from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_image
+from clipguard.detector.engine import EngineConfig, InferenceEngine
+from clipguard.detector.errors import ImageError, ImageTooLargeError
+from clipguard.detector.policy import Policy
+from clipguard.detector.preprocess import preprocess
+
+
+class PredictSettings(ClipguardSettings):
+    checkpoint: Path
+    device: str = "auto"
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS
+    review_at: float | None = Field(default=None, ge=0.0, le=1.0)
+    block_at: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="judge image files with a checkpoint (one JSON line per file)",
+        description="Print one JSON line per file: a prediction, or a typed error. "
+        "Exits 1 if any file could not be judged.",
+    )
+    add_flag(parser, "--checkpoint", type=Path, help="checkpoint directory or .safetensors file")
+    add_flag(parser, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    add_flag(parser, "--batch-size", dest="batch_size", type=int, help="images per model call")
+    add_flag(parser, "--max-image-bytes", dest="max_image_bytes", type=int)
+    add_flag(parser, "--max-image-pixels", dest="max_image_pixels", type=int)
+    add_flag(parser, "--review-at", dest="review_at", type=float)
+    add_flag(parser, "--block-at", dest="block_at", type=float)
+    parser.add_argument("--config", help="TOML file with settings")
+    parser.add_argument("paths", nargs="+", metavar="FILES_OR_DIRS")
+    parser.set_defaults(func=run)
+
+
+def _read(path: Path, limits: DecodeLimits) -> bytes:
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageTooLargeError(f"{size} bytes exceeds the limit of {limits.max_bytes}")
+    return path.read_bytes()
+
+
+def _error_line(path: Path, error: Exception) -> dict[str, Any]:
+    stage = getattr(error, "stage", "read")
+    reason = getattr(error, "reason", "unreadable")
+    return {
+        "path": str(path),
+        "error": {
+            "stage": stage,
+            "reason": reason,
+            "class": type(error).__name__,
+            "message": str(error)[:500],
+        },
+    }
+
+
+def _prepared(
+    paths: Iterator[Path], engine: InferenceEngine, limits: DecodeLimits
+) -> Iterator[tuple[Path, torch.Tensor | None, dict[str, Any] | None]]:
+    for path in paths:
+        try:
+            image = decode_image(_read(path, limits), limits)
+            yield path, preprocess(image, engine.manifest.preprocess), None
+        except (ImageError, OSError) as exc:
+            yield path, None, _error_line(path, exc)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = PredictSettings.load(args.config, **flag_values(args, exclude={"paths"}))
+    engine = InferenceEngine.from_checkpoint(
+        settings.checkpoint,
+        EngineConfig(device=settings.device, max_batch_size=settings.batch_size, warmup_batches=0),
+    )
+    stored = engine.manifest.policy
+    policy = Policy(
+        review_at=settings.review_at if settings.review_at is not None else stored.review_at,
+        block_at=settings.block_at if settings.block_at is not None else stored.block_at,
+    )
+    limits = DecodeLimits(
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        formats=settings.image_formats,
+    )
+    failures = 0
+    pending: list[tuple[Path, torch.Tensor | None, dict[str, Any] | None]] = []
+
+    def flush() -> None:
+        """Print the pending files in input order: errors as they were, images judged."""
+        tensors = [pixels for _, pixels, _ in pending if pixels is not None]
+        predictions = iter(engine.predict_tensors(torch.stack(tensors)) if tensors else [])
+        for path, pixels, error in pending:
+            if pixels is None:
+                print_json(error)
+                continue
+            prediction = next(predictions)
+            print_json(
+                {
+                    "path": str(path),
+                    "label": prediction.label,
+                    "ai_score": round(prediction.ai_score, 6),
+                    "decision": policy.decide(prediction.ai_score).value,
+                    "source": prediction.source,
+                    "source_scores": prediction.source_scores,
+                }
+            )
+        pending.clear()
+
+    for path, pixels, error in _prepared(iter_files(args.paths), engine, limits):
+        failures += error is not None
+        pending.append((path, pixels, error))
+        if len(pending) >= settings.batch_size:
+            flush()
+    flush()
+    return EXIT_FAILURE if failures else EXIT_OK
