@@ -18,6 +18,8 @@ from pydantic_settings import (
 )
 from typing_extensions import Self
 
+from clipguard.detector.decode import DEFAULT_FORMATS
+
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -143,7 +145,7 @@ class WorkerSettings(KafkaSettings):
 
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS
     file_root: Path | None = None
 
     review_at: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clipguard.detector.errors import (
     CorruptImageError,
@@ -22,7 +22,10 @@ from clipguard.detector.errors import (
     UnsupportedFormatError,
 )
 
-DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# JPEG covers MPO (multi-picture JPEG), which Pillow opens through its JPEG plugin.
+DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+Image.init()  # register every plugin, so the allow list can name any format Pillow has
 
 
 class DecodeLimits(BaseModel):
@@ -33,6 +36,15 @@ class DecodeLimits(BaseModel):
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
     formats: tuple[str, ...] = DEFAULT_FORMATS
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        formats = tuple(f.upper() for f in formats)
+        unknown = sorted(set(formats) - set(Image.OPEN))
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; Pillow knows {sorted(Image.OPEN)}")
+        return formats
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -81,6 +93,7 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
         raise ImageTooLargeError(f"{len(data)} bytes exceeds the limit of {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # corrupt metadata warnings are not our business
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(limits.formats))
             width, height = image.size
