@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = {
 
 def flag_values(args: argparse.Namespace, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The flags the user actually gave (argparse defaults are ``SUPPRESS``)."""
-    skip = {"command", "func", "config", *exclude}
+    skip = {"command", "func", "config", "verbose", *exclude}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 

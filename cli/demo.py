@@ -341,7 +341,11 @@ def run(args: argparse.Namespace) -> int:
 
         thread = threading.Thread(target=serve, name="clipguard-worker", daemon=True)
         thread.start()
-        say(f"[3/5] worker started; metrics on {metrics_url}/metrics, /livez, /readyz")
+        say("[3/5] worker starting (the broker's first group join takes a few seconds)...")
+        ready_by = time.monotonic() + 60
+        while not worker.health.ready() and thread.is_alive() and time.monotonic() < ready_by:
+            time.sleep(0.1)
+        say(f"      worker ready; metrics on {metrics_url}/metrics, /livez, /readyz")
         say(f"[4/5] streaming {settings.events} uploads (+{len(bad_events())} bad ones)...")
         sent = produce(bootstrap, settings.events, settings.seed)
         got = collect(bootstrap, sent, settings.timeout_s, settings.quiet, thread.is_alive)
