@@ -17,8 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For development and demos: memory storage, loopback only.",
     )
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
-    parser.add_argument("--topics", default="uploads:3,verdicts:3,uploads.dlq:1",
-                        help="topics to create, NAME:PARTITIONS comma-separated ('' for none)")
+    parser.add_argument(
+        "--topics",
+        default="uploads:3,verdicts:3,uploads.dlq:1",
+        help="topics to create, NAME:PARTITIONS comma-separated ('' for none)",
+    )
     parser.set_defaults(func=run)
 
 

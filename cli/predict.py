@@ -18,7 +18,7 @@ from clipguard.cli.common import (
     iter_files,
     print_json,
 )
-from clipguard.consumer.config import ClipguardSettings
+from clipguard.consumer.config import CheckpointPath, ClipguardSettings
 from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_image
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.errors import ImageError, ImageTooLargeError
@@ -27,7 +27,7 @@ from clipguard.detector.preprocess import preprocess
 
 
 class PredictSettings(ClipguardSettings):
-    checkpoint: Path
+    checkpoint: CheckpointPath
     device: str = "auto"
     batch_size: int = Field(default=32, ge=1, le=1024)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)

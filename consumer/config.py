@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +26,16 @@ from pydantic_settings import (
 from typing_extensions import Self
 
 from clipguard.detector.decode import DEFAULT_FORMATS
+
+
+def _must_exist(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {path}")
+    return path
+
+
+#: A checkpoint directory or ``.safetensors`` file that must exist when settings are built.
+CheckpointPath = Annotated[Path, AfterValidator(_must_exist)]
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
@@ -119,7 +136,7 @@ class KafkaSettings(ClipguardSettings):
 class WorkerSettings(KafkaSettings):
     """Everything ``clipguard serve`` needs; DESIGN.md "Command line" names the flags."""
 
-    checkpoint: Path
+    checkpoint: CheckpointPath
     input_topic: str = "uploads"
     output_topic: str = "verdicts"
     dlq_topic: str = "uploads.dlq"
@@ -156,13 +173,6 @@ class WorkerSettings(KafkaSettings):
     def _topic_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", value):
             raise ValueError(f"{value!r} is not a valid Kafka name")
-        return value
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_exists(cls, value: Path) -> Path:
-        if not value.exists():
-            raise ValueError(f"checkpoint not found: {value}")
         return value
 
     @model_validator(mode="after")

@@ -1,0 +1,118 @@
+"""The worker's small steps, each alone: batching deadlines, offsets, record parsing."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from conftest import image_bytes
+
+from clipguard.consumer.batching import Batcher, Pending
+from clipguard.consumer.errors import InvalidEventError
+from clipguard.consumer.offsets import OffsetTracker
+from clipguard.consumer.records import RecordRef, parse_record
+
+
+def _record(offset: int, value: bytes | None = b"{}", key: bytes | None = None, p: int = 0):
+    return RecordRef("uploads", p, offset, key, value)
+
+
+def test_batch_closes_at_max_size_or_max_wait() -> None:
+    batcher = Batcher(max_size=3, max_wait_s=0.05)
+    assert not batcher.ready(now=0.0) and batcher.time_left(0.0) == float("inf")
+    batcher.add(Pending(_record(0), received_at=10.0))
+    assert not batcher.ready(now=10.01)
+    assert batcher.time_left(10.01) == pytest.approx(0.04)
+    assert batcher.ready(now=10.05)  # the first event waited max_wait
+    batcher.add(Pending(_record(1), 10.02))
+    batcher.add(Pending(_record(2), 10.03))
+    assert batcher.ready(now=10.03)  # full
+    assert [p.record.offset for p in batcher.take()] == [0, 1, 2]
+    assert len(batcher) == 0
+
+
+def test_take_where_removes_only_matching() -> None:
+    batcher = Batcher(max_size=10, max_wait_s=1)
+    for offset in range(4):
+        batcher.add(Pending(_record(offset, p=offset % 2), 0.0))
+    taken = batcher.take_where(lambda item: item.record.partition == 1)
+    assert [p.record.offset for p in taken] == [1, 3]
+    assert [p.record.offset for p in batcher.take()] == [0, 2]
+
+
+def test_offsets_commit_only_the_contiguous_acknowledged_prefix() -> None:
+    tracker = OffsetTracker()
+    tp = ("uploads", 0)
+    for offset in (5, 6, 7, 8):
+        tracker.consumed(tp, offset)
+    assert tracker.committable() == {}
+    tracker.acknowledged(tp, 6)
+    assert tracker.committable() == {}  # 5 is not done yet
+    tracker.acknowledged(tp, 5)
+    assert tracker.committable() == {tp: 7}
+    tracker.committed({tp: 7})
+    tracker.acknowledged(tp, 8)
+    assert tracker.committable() == {}  # 7 still outstanding
+    tracker.acknowledged(tp, 7)
+    assert tracker.committable() == {tp: 9}
+    tracker.committed({tp: 9})
+    assert tracker.inflight() == 0
+    tracker.acknowledged(tp, 3)  # never consumed: ignored, cannot move anything backwards
+    assert tracker.committable() == {}
+
+
+def test_forgotten_partitions_are_not_committed() -> None:
+    tracker = OffsetTracker()
+    tracker.consumed(("t", 1), 0)
+    tracker.acknowledged(("t", 1), 0)
+    tracker.forget([("t", 1)])
+    assert tracker.committable() == {} and tracker.inflight() == 0
+
+
+def test_json_event_parses() -> None:
+    data = image_bytes()
+    value = json.dumps(
+        {
+            "event_id": "e1",
+            "image_b64": base64.b64encode(data).decode(),
+            "uploaded_at": "2026-11-23T10:00:00Z",
+            "metadata": {"user_tier": "free"},
+            "unknown_field": 1,
+        }
+    ).encode()
+    upload = parse_record(_record(0, value))
+    assert upload.event_id == "e1" and upload.image_bytes == data
+    assert upload.metadata == {"user_tier": "free"}
+    assert upload.uploaded_at.tzinfo is not None
+
+
+def test_raw_bytes_use_the_key_as_event_id() -> None:
+    upload = parse_record(_record(0, image_bytes(), key=b"from-key"))
+    assert upload.event_id == "from-key" and upload.image_bytes == image_bytes()
+    with pytest.raises(InvalidEventError) as info:
+        parse_record(_record(0, image_bytes(), key=None))
+    assert info.value.reason == "no_key"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "event_id"),
+    [
+        (b"{broken", "bad_json", None),
+        (b'{"event_id": "x"}', "schema", "x"),
+        (b'{"event_id": "x", "image_b64": "a", "image_url": "file:///a"}', "schema", "x"),
+        (b'{"event_id": "x", "image_b64": "***"}', "bad_base64", "x"),
+        (
+            b'{"event_id": "x", "schema_version": 2, "image_b64": ""}',
+            "unsupported_schema_version",
+            "x",
+        ),
+        (b"", "empty", "k"),
+        (b"[1, 2]", "schema", "k"),
+    ],
+)
+def test_invalid_events_have_reasons_and_ids(value: bytes, reason: str, event_id: str | None):
+    with pytest.raises(InvalidEventError) as info:
+        parse_record(_record(0, value, key=b"k" if event_id == "k" else None))
+    assert info.value.reason == reason
+    assert info.value.event_id == event_id
