@@ -12,6 +12,12 @@ Tansu v0.6.0-510f3e2, with kafka-python 3.0.12 and confluent-kafka 2.16):
   first JoinGroup (the rebalance timeout, i.e. ``max_poll_interval_ms``, does not
   matter; the floor is about 1 s). Use :data:`FAST_GROUP_CONSUMER_CONFIG`.
   Static members (``group_instance_id``) take about 6 s to get their first assignment.
+  A member that dies without LeaveGroup holds the group's next assignment until its
+  session expires (about 11 s with the fast settings).
+- ``CooperativeStickyAssignor`` works for dynamic members (a second member gets its
+  share after about 11 s), but combined with ``group_instance_id`` the follow-up
+  rebalance sometimes never happens: the revoked partitions then stay unassigned.
+  Eager assignors (range, the default) split a group in about 1 s.
 - ListOffsets(LATEST) (kafka-python ``end_offsets``, confluent-kafka
   ``get_watermark_offsets`` without cache) answers "base offset of the last record
   batch + 1", which is too small when the last batch holds more than one record.
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -99,6 +106,10 @@ class BrokerStartError(BrokerError):
 
 class TopicSetupError(BrokerError):
     """Topics could not be created or did not show up with the wanted partitions."""
+
+
+class _PortTakenError(BrokerStartError):
+    """Someone else listens on the port; with an automatic port we just pick another."""
 
 
 def _binary_name() -> str:
@@ -274,9 +285,13 @@ class EmbeddedBroker:
         self.cluster_id = cluster_id
         self.log_level = log_level
         self._binary = Path(binary) if binary is not None else None
+        # An automatic log directory is removed after a clean stop; it is kept when the
+        # broker failed to start or died on its own, which is when the log matters.
+        self._own_log_dir: Path | None = None
         if log_path is None:
-            log_dir = Path(tempfile.mkdtemp(prefix="clipguard-broker-"))
-            self.log_path = log_dir / "tansu.log"
+            name = f"clipguard-broker-{uuid.uuid4().hex[:12]}"
+            self._own_log_dir = Path(tempfile.gettempdir()) / name
+            self.log_path = self._own_log_dir / "tansu.log"
         else:
             self.log_path = Path(log_path)
         self.process: subprocess.Popen[bytes] | None = None
@@ -316,9 +331,9 @@ class EmbeddedBroker:
             try:
                 self._launch(binary)
                 self._wait_ready()
-            except BrokerStartError:
+            except BrokerStartError as exc:
                 self._kill()
-                clash = "AddrInUse" in _log_tail(self.log_path)
+                clash = isinstance(exc, _PortTakenError) or b"AddrInUse" in self._log_since_launch()
                 if clash and attempt < attempts:
                     log.warning("port %s was taken, retrying on another port", self.port)
                     continue
@@ -341,6 +356,15 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 log.warning("broker pid %s ignored SIGTERM; killing it", proc.pid)
                 self._kill()
+            if self._own_log_dir is not None:
+                shutil.rmtree(self._own_log_dir, ignore_errors=True)
+        else:
+            log.warning(
+                "broker pid %s had already exited with %s; log kept at %s",
+                proc.pid,
+                proc.returncode,
+                self.log_path,
+            )
         self.process = None
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -386,21 +410,24 @@ class EmbeddedBroker:
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
         env["RUST_LOG"] = self.log_level
         env["NO_COLOR"] = "1"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if _port_accepts(self.host, int(self.port or 0), timeout=0.2):
-            raise BrokerStartError(
+            raise _PortTakenError(
                 f"{self.host}:{self.port} is already in use by another process; "
                 "pick another port or omit it to get a free one"
             )
+        if self._own_log_dir is not None:
+            self._own_log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         popen_kwargs: dict[str, Any] = {}
         if sys.platform == "win32":
             popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             popen_kwargs["start_new_session"] = True
         with open(self.log_path, "ab") as log_file:
+            self._log_offset = log_file.tell()
             log_file.write(f"$ {' '.join(self.command)}\n".encode())
             log_file.flush()
-            self._log_offset = log_file.tell()
             self.process = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
@@ -442,13 +469,17 @@ class EmbeddedBroker:
                 return
             time.sleep(0.05)
 
-    def _ready_banner_seen(self) -> bool:
+    def _log_since_launch(self) -> bytes:
+        """This launch's output only: ``log_path`` may hold earlier runs."""
         try:
             with open(self.log_path, "rb") as log_file:
                 log_file.seek(self._log_offset)
-                return _READY_BANNER in log_file.read()
+                return log_file.read()
         except OSError:
-            return False
+            return b""
+
+    def _ready_banner_seen(self) -> bool:
+        return _READY_BANNER in self._log_since_launch()
 
     def _signal(self, *, hard: bool) -> None:
         """Signal our process group; never after the leader was reaped (pid reuse)."""

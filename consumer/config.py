@@ -142,6 +142,8 @@ class WorkerSettings(KafkaSettings):
     dlq_topic: str = "uploads.dlq"
     group_id: str = "clipguard"
     group_instance_id: str | None = None
+    #: ``cooperative-sticky`` moves only the partitions that must move on a rebalance.
+    partition_assignment: Literal["range", "cooperative-sticky"] = "range"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
 
     max_batch_size: int = Field(default=32, ge=1, le=1024)

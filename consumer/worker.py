@@ -49,7 +49,9 @@ def build_policy(settings: WorkerSettings, engine: InferenceEngine) -> Policy:
 
 def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
     strategies: tuple[Any, ...] = (
-        (CooperativeStickyAssignor,) if settings.group_instance_id else (RangePartitionAssignor,)
+        (CooperativeStickyAssignor,)
+        if settings.partition_assignment == "cooperative-sticky"
+        else (RangePartitionAssignor,)
     )
     return KafkaConsumer(
         **settings.client_kwargs(),

@@ -11,7 +11,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from kafka_fixture import (
     FAST_GROUP_CONSUMER_CONFIG,
     KafkaBootstrap,
     create_topics,
-    kafka_bootstrap,
     unique_topic,
 )
 
@@ -36,10 +34,10 @@ from clipguard.consumer.broker import (
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
 
-@pytest.fixture(scope="session")
-def _kafka() -> Iterator[KafkaBootstrap]:
-    with kafka_bootstrap() as bootstrap:
-        yield bootstrap
+@pytest.fixture
+def _kafka(kafka_bootstrap: KafkaBootstrap) -> KafkaBootstrap:
+    """The session's broker (conftest), so the suite starts one, not two."""
+    return kafka_bootstrap
 
 
 def _consume(consumer: KafkaConsumer, count: int, timeout: float = 20.0) -> list:
@@ -272,6 +270,18 @@ def test_start_on_taken_port_fails_fast() -> None:
         with pytest.raises(BrokerStartError, match="already in use"):
             broker.start()
         broker.stop()
+
+
+def test_automatic_port_retries_when_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        ports = iter([taken, find_free_port()])
+        monkeypatch.setattr(broker_mod, "find_free_port", lambda host="127.0.0.1": next(ports))
+        with EmbeddedBroker(startup_timeout=10) as broker:
+            assert broker.port != taken
+            assert broker.running
 
 
 def test_find_free_port_is_bindable() -> None:
