@@ -6,7 +6,7 @@ import copy
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    #: ``cosine`` decays to zero over the run (per step); ``constant`` is the paper's Adam.
+    schedule: Literal["constant", "cosine"] = "constant"
     source_loss_weight: float = Field(default=1.0, ge=0)
     seed: int = 0
     device: str = "auto"
@@ -126,6 +128,12 @@ def fit(
         num_workers=config.num_workers,
         drop_last=len(train_set) > config.batch_size,
     )
+    total_steps = max(1, config.epochs * len(loader))
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        if config.schedule == "cosine"
+        else None
+    )
     result = TrainResult()
     best_score, best_state = -math.inf, None
     for epoch in range(config.epochs):
@@ -148,6 +156,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total_loss += float(loss.detach()) * len(is_fake)
             hits += float(((out.binary_logit.detach() > 0).float() == is_fake).sum())
             seen += len(is_fake)
