@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -173,7 +174,7 @@ def fit(
             best_score, result.best_epoch = score, epoch + 1
             best_state = copy.deepcopy(detector.state_dict())
         if config.progress:
-            tqdm.write(_describe(stats))
+            tqdm.write(_describe(stats), file=sys.stderr)
     if best_state is not None:
         detector.load_state_dict(best_state)
     detector.eval().to("cpu")
