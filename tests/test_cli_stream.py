@@ -108,10 +108,7 @@ def test_broker_produce_serve_and_graceful_stop(tiny_checkpoint: Path, tmp_path:
         )
         consumer.close(autocommit=False)
         assert committed == 6
-        assert (
-            json.loads(json.dumps(verdicts[0].model_dump(mode="json")))["input"]["topic"]
-            == "uploads"
-        )
+        assert {v.input.topic for v in verdicts} == {"uploads"}
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.communicate(timeout=30)

@@ -100,9 +100,7 @@ def train_synthetic(
 ) -> TrainedCheckpoint:
     """The demo's and the tests' detector: the tiny backbone on the synthetic zoo."""
     backbone = backbone or BackboneSpec()
-    config = config or TrainConfig(
-        epochs=6, batch_size=64, lr=1e-3, schedule="cosine", seed=seed
-    )
+    config = config or TrainConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine", seed=seed)
     # No flips: the zoo's fingerprints sit on the 2x2 pixel grid and a mirror of an even-width
     # image swaps its phase. JPEG as the demo ships some uploads as JPEG (format-bias guard:
     # real and fake alike).
