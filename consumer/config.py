@@ -5,6 +5,7 @@ Built once by the command, frozen, and passed down; nothing reads the environmen
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -154,6 +155,18 @@ class WorkerSettings(KafkaSettings):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     produce_timeout_s: float = Field(default=30.0, gt=0)
 
+    #: Decode threads (Pillow releases the GIL while decoding); default: one per core.
+    decode_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    #: Consumed-but-uncommitted events; above it partitions are paused, at half resumed.
+    max_inflight: int = Field(default=256, ge=1, le=100_000)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    #: Kafka transactions: verdicts, dead letters and offsets commit atomically.
+    exactly_once: bool = False
+    transactional_id: str | None = None
+    dlq_max_consecutive: int = Field(default=200, ge=0)
+    dlq_max_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    dlq_window: int = Field(default=1000, ge=1)
+
     metrics_port: int = Field(default=9400, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     metrics_enabled: bool = True
@@ -181,6 +194,8 @@ class WorkerSettings(KafkaSettings):
     def _consistent(self) -> WorkerSettings:
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
             raise ValueError("input, output and dead-letter topics must all differ")
+        if self.max_inflight < self.max_batch_size:
+            raise ValueError("max_inflight must be at least max_batch_size")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         review, block = self.review_at, self.block_at

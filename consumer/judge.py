@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -32,6 +33,17 @@ class UnexpectedError(ClipguardError):
 
     stage = "decode"
     reason = "unexpected"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A record after the decode stage: model-ready pixels, or its failure outcome."""
+
+    item: Pending
+    upload: Upload | None
+    pixels: torch.Tensor | None
+    decode_s: float
+    failure: Outcome | None
 
 
 def utc_now() -> datetime:
@@ -80,60 +92,65 @@ class Judge:
             timings_ms={"total": round(total_ms, 3)},
         )
 
-    def _prepare(self, item: Pending) -> tuple[Upload, torch.Tensor, float]:
-        upload = parse_record(item.record)
-        image_bytes = self.sources.fetch(upload)
+    def prepare(self, item: Pending) -> Decoded:
+        """Decode stage (any thread): parse, fetch, decode, preprocess. Never raises."""
+        upload: Upload | None = None
+        try:
+            upload = parse_record(item.record)
+            image_bytes = self.sources.fetch(upload)
+            started = self.clock()
+            image = decode_image(image_bytes, self.limits)
+            pixels = preprocess(image, self.engine.manifest.preprocess)
+            decode_s = self.clock() - started
+        except InvalidEventError as exc:
+            return Decoded(item, None, None, 0.0, self._fail(item, exc, None, exc.event_id))
+        except ClipguardError as exc:
+            return Decoded(item, upload, None, 0.0, self._fail(item, exc, upload, _id(upload)))
+        except Exception as exc:
+            rec = item.record
+            log.exception("unexpected error on %s/%d@%d", rec.topic, rec.partition, rec.offset)
+            error = UnexpectedError(f"{type(exc).__name__}: {exc}")
+            return Decoded(item, upload, None, 0.0, self._fail(item, error, upload, _id(upload)))
+        self.metrics.decode_seconds.observe(decode_s)
+        return Decoded(item, upload, pixels, decode_s, None)
+
+    def finish(self, decoded: Sequence[Decoded]) -> list[Outcome]:
+        """Inference stage (the model's thread): one batch, one outcome per input, in order."""
         started = self.clock()
-        image = decode_image(image_bytes, self.limits)
-        pixels = preprocess(image, self.engine.manifest.preprocess)
-        return upload, pixels, self.clock() - started
+        ready = [d for d in decoded if d.failure is None]
+        predictions: list[Prediction] = []
+        inference_s = 0.0
+        if ready:
+            pixels = torch.stack([d.pixels for d in ready])  # type: ignore[misc]
+            predictions = self.engine.predict_tensors(pixels)
+            inference_s = self.clock() - started
+            self.metrics.inference_seconds.observe(inference_s)
+        by_position = iter(predictions)
+        outcomes: list[Outcome] = []
+        for d in decoded:
+            if d.failure is not None:
+                outcomes.append(d.failure)
+                continue
+            assert d.upload is not None
+            timings = {
+                "queue": (started - d.item.received_at - d.decode_s) * 1000,
+                "decode": d.decode_s * 1000,
+                "inference": inference_s * 1000,
+                "total": (self.clock() - d.item.received_at) * 1000,
+            }
+            verdict = self._verdict(d.item, d.upload, next(by_position), timings)
+            outcomes.append(
+                Outcome(
+                    d.item.record, verdict, None, event_time(d.item.record, d.upload.uploaded_at)
+                )
+            )
+        if len(outcomes) != len(decoded):  # one output per input, checked (LitServe habit)
+            raise RuntimeError(f"{len(decoded)} records gave {len(outcomes)} outcomes")
+        return outcomes
 
     def __call__(self, batch: Sequence[Pending]) -> list[Outcome]:
-        started = self.clock()
-        outcomes: dict[int, Outcome] = {}
-        ready: list[tuple[int, Upload, torch.Tensor, float]] = []
-        for index, item in enumerate(batch):
-            upload: Upload | None = None
-            try:
-                upload, pixels, decode_s = self._prepare(item)
-            except InvalidEventError as exc:
-                outcomes[index] = self._fail(item, exc, None, exc.event_id)
-                continue
-            except ClipguardError as exc:
-                upload = upload or _safe_parse(item)
-                outcomes[index] = self._fail(item, exc, upload, upload and upload.event_id)
-                continue
-            except Exception as exc:
-                rec = item.record
-                log.exception("unexpected error on %s/%d@%d", rec.topic, rec.partition, rec.offset)
-                upload = _safe_parse(item)
-                error = UnexpectedError(f"{type(exc).__name__}: {exc}")
-                outcomes[index] = self._fail(item, error, upload, upload and upload.event_id)
-                continue
-            self.metrics.decode_seconds.observe(decode_s)
-            ready.append((index, upload, pixels, decode_s))
-        if ready:
-            inference_started = self.clock()
-            predictions = self.engine.predict_tensors(torch.stack([r[2] for r in ready]))
-            inference_s = self.clock() - inference_started
-            self.metrics.inference_seconds.observe(inference_s)
-            for (index, upload, _, decode_s), prediction in zip(ready, predictions, strict=True):
-                item = batch[index]
-                timings = {
-                    "queue": (started - item.received_at) * 1000,
-                    "decode": decode_s * 1000,
-                    "inference": inference_s * 1000,
-                    "total": (self.clock() - item.received_at) * 1000,
-                }
-                outcomes[index] = Outcome(
-                    item.record,
-                    self._verdict(item, upload, prediction, timings),
-                    None,
-                    event_time(item.record, upload.uploaded_at),
-                )
-        if len(outcomes) != len(batch):  # one output per input, checked (LitServe habit)
-            raise RuntimeError(f"{len(batch)} records gave {len(outcomes)} outcomes")
-        return [outcomes[i] for i in range(len(batch))]
+        """Both stages on the calling thread (the naive path, and tests)."""
+        return self.finish([self.prepare(item) for item in batch])
 
     def _verdict(
         self, item: Pending, upload: Upload, prediction: Prediction, timings: dict[str, float]
@@ -154,8 +171,5 @@ class Judge:
         )
 
 
-def _safe_parse(item: Pending) -> Upload | None:
-    try:
-        return parse_record(item.record)
-    except ClipguardError:
-        return None
+def _id(upload: Upload | None) -> str | None:
+    return upload.event_id if upload is not None else None

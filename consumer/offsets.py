@@ -27,6 +27,10 @@ class OffsetTracker:
             return
         self._done.setdefault(tp, set()).add(offset)
 
+    def outstanding(self, tp: TopicPartitionKey) -> int:
+        """Consumed offsets of ``tp`` not yet committed."""
+        return len(self._outstanding.get(tp, ()))
+
     def inflight(self) -> int:
         return sum(len(offsets) for offsets in self._outstanding.values())
 
