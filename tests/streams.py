@@ -40,22 +40,23 @@ def fresh_topics(bootstrap: str, partitions: int = 3) -> Topics:
 def worker_settings(
     bootstrap: str, checkpoint: Path, topics: Topics, **extra: Any
 ) -> WorkerSettings:
-    return WorkerSettings(
-        checkpoint=checkpoint,
-        bootstrap_servers=bootstrap,
-        input_topic=topics.input,
-        output_topic=topics.output,
-        dlq_topic=topics.dlq,
-        group_id=topics.group,
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        max_batch_size=8,
-        max_batch_wait_ms=20,
-        max_poll_interval_ms=6_000,
-        session_timeout_ms=6_000,
-        heartbeat_interval_ms=1_000,
-        **extra,
-    )
+    """Settings for a test worker: fast Tansu group joins, small batches, any free port."""
+    values: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "bootstrap_servers": bootstrap,
+        "input_topic": topics.input,
+        "output_topic": topics.output,
+        "dlq_topic": topics.dlq,
+        "group_id": topics.group,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
+        "max_batch_size": 8,
+        "max_batch_wait_ms": 20,
+        "max_poll_interval_ms": 6_000,
+        "session_timeout_ms": 6_000,
+        "heartbeat_interval_ms": 1_000,
+    }
+    return WorkerSettings(**{**values, **extra})
 
 
 @contextlib.contextmanager

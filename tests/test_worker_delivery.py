@@ -1,0 +1,234 @@
+"""Delivery guarantees against the real broker: group failover, kill -9, backpressure,
+transactions, and the dead-letter brake."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import image_bytes
+from kafka import KafkaConsumer, TopicPartition
+from kafka_fixture import skip_unless_real_kafka
+from streams import (
+    committed_offsets,
+    fresh_topics,
+    produce,
+    read_outputs,
+    running_worker,
+    worker_settings,
+)
+
+from clipguard.cli.produce import upload_event
+from clipguard.consumer.errors import DeadLetterRateExceeded
+from clipguard.consumer.schemas import Verdict
+from clipguard.consumer.worker import Worker, engine_from_settings
+
+pytestmark = pytest.mark.broker
+
+
+def _events(count: int, prefix: str, size: tuple[int, int] = (72, 64)) -> list[tuple[bytes, bytes]]:
+    return [
+        (
+            f"{prefix}-{i}".encode(),
+            upload_event(image_bytes(size=size, color=(i % 256, 50, 100)), f"{prefix}-{i}"),
+        )
+        for i in range(count)
+    ]
+
+
+def _ends(placed: list[tuple[int, int]]) -> dict[int, int]:
+    ends: dict[int, int] = {}
+    for partition, offset in placed:
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    return ends
+
+
+def test_two_workers_share_partitions_and_fail_over(kafka_bootstrap: str, tiny_checkpoint: Path):
+    topics = fresh_topics(kafka_bootstrap, partitions=3)
+    settings = worker_settings(kafka_bootstrap, tiny_checkpoint, topics)
+    first_half, second_half = _events(60, "a"), _events(60, "b")
+    with running_worker(settings) as survivor:
+        with running_worker(settings.model_copy(update={"client_id": "second"})) as leaver:
+            placed = produce(kafka_bootstrap, topics.input, first_half)
+            read_outputs(kafka_bootstrap, topics, set(placed))
+            shared = (len(survivor.assigned), len(leaver.assigned))
+        # The second worker left the group: the survivor must take its partitions over.
+        placed += produce(kafka_bootstrap, topics.input, second_half)
+        out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=90)
+        assert len(survivor.assigned) == 3
+    assert sorted(shared) in ([1, 2], [0, 3])  # range assignment split the three partitions
+    assert set(out.covered(topics.input)) == set(placed)  # nothing missing
+    ids = [v.event_id for v in out.verdicts]
+    assert set(ids) == {k.decode() for k, _ in first_half + second_half}
+    assert committed_offsets(kafka_bootstrap, topics.group, topics.input) == _ends(placed)
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(
+    kafka_bootstrap: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    topics = fresh_topics(kafka_bootstrap, partitions=2)
+    placed = produce(kafka_bootstrap, topics.input, _events(300, "k", size=(160, 128)))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CLIPGUARD_SESSION_TIMEOUT_MS": "6000",
+        "CLIPGUARD_HEARTBEAT_INTERVAL_MS": "1000",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "clipguard.cli",
+        "serve",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--input-topic",
+        topics.input,
+        "--output-topic",
+        topics.output,
+        "--dlq-topic",
+        topics.dlq,
+        "--group-id",
+        topics.group,
+        "--metrics-port",
+        "0",
+        "--max-poll-interval-ms",
+        "6000",
+        "--max-batch-size",
+        "4",
+    ]
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Let it judge part of the stream, then kill it without any chance to clean up.
+        consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        consumer.assign([TopicPartition(topics.output, 0)])
+        seen, deadline = 0, time.monotonic() + 90
+        while seen < 40 and time.monotonic() < deadline and victim.poll() is None:
+            seen += sum(len(b) for b in consumer.poll(timeout_ms=100).values())
+        consumer.close()
+        assert seen >= 40, victim.stderr.read().decode()[-2000:] if victim.poll() else seen
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    before = committed_offsets(kafka_bootstrap, topics.group, topics.input)
+    assert sum(v or 0 for v in before.values()) < len(placed)  # it really died mid-stream
+    # The restarted worker (same group) resumes from the committed offsets.
+    settings = worker_settings(kafka_bootstrap, tiny_checkpoint, topics)
+    with running_worker(settings, ready_timeout=90):
+        out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=120)
+    assert set(out.covered(topics.input)) == set(placed)
+    duplicates = len(out.verdicts) - len({v.event_id for v in out.verdicts})
+    assert duplicates >= 0  # at-least-once: repeats allowed (and counted), never gaps
+    print(f"kill -9: {len(placed)} events, {duplicates} judged twice")
+    assert committed_offsets(kafka_bootstrap, topics.group, topics.input) == _ends(placed)
+
+
+def test_backpressure_caps_inflight_and_loses_nothing(kafka_bootstrap: str, tiny_checkpoint: Path):
+    topics = fresh_topics(kafka_bootstrap, partitions=2)
+    placed = produce(kafka_bootstrap, topics.input, _events(400, "burst", size=(256, 192)))
+    cap = 8
+    settings = worker_settings(
+        kafka_bootstrap,
+        tiny_checkpoint,
+        topics,
+        max_inflight=cap,
+        max_batch_size=4,
+        max_poll_records=500,
+        decode_workers=2,
+    )
+    samples: list[float] = []
+    paused: list[float] = []
+    stop_sampling = threading.Event()
+    with running_worker(settings) as worker:
+        registry = worker.metrics.registry
+
+        def sample() -> None:
+            while not stop_sampling.is_set():
+                samples.append(registry.get_sample_value("clipguard_inflight_events"))
+                paused.append(registry.get_sample_value("clipguard_paused_partitions"))
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=120)
+        settle_by = time.monotonic() + 10  # the last acks and the commit follow the outputs
+        while worker.inflight() and time.monotonic() < settle_by:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stop_sampling.set()
+        sampler.join()
+        peak = worker.peak_inflight
+    assert set(out.covered(topics.input)) == set(placed)
+    assert max(samples) <= cap and peak <= cap
+    assert peak == cap  # the burst really pushed against the cap
+    assert max(paused) == 2  # both partitions were paused under the burst...
+    assert paused[-1] == 0  # ...and resumed once it drained
+
+
+def test_exactly_once_commits_outputs_and_offsets_together(
+    kafka_bootstrap: str, tiny_checkpoint: Path
+) -> None:
+    topics = fresh_topics(kafka_bootstrap, partitions=2)
+    settings = worker_settings(kafka_bootstrap, tiny_checkpoint, topics, exactly_once=True)
+    events = [*_events(40, "tx"), (b"tx-bad", b"{nope")]
+    with running_worker(settings):
+        placed = produce(kafka_bootstrap, topics.input, events)
+        out = read_outputs(kafka_bootstrap, topics, set(placed))
+    assert set(out.covered(topics.input)) == set(placed)
+    assert committed_offsets(kafka_bootstrap, topics.group, topics.input) == _ends(placed)
+    reader = KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    reader.assign([TopicPartition(topics.output, 0)])
+    reader.seek_to_beginning()
+    got: list[Verdict] = []
+    deadline = time.monotonic() + 30
+    while len(got) < len(events) and time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=200).values():
+            got.extend(Verdict.model_validate_json(r.value) for r in batch)
+    reader.close()
+    # Each event exactly once, the malformed one as a review verdict keyed by its message key.
+    assert sorted(v.event_id for v in got) == sorted(k.decode() for k, _ in events)
+
+
+@pytest.mark.real_kafka
+def test_aborted_transactions_are_invisible(kafka_bootstrap: str, tiny_checkpoint: Path) -> None:
+    skip_unless_real_kafka(kafka_bootstrap, "Tansu shows aborted records to read_committed")
+    from kafka import KafkaProducer
+
+    topics = fresh_topics(kafka_bootstrap, partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id="abort-test")
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topics.output, b"aborted")
+    producer.abort_transaction()
+    producer.close()
+    reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap, isolation_level="read_committed")
+    reader.assign([TopicPartition(topics.output, 0)])
+    reader.seek_to_beginning()
+    assert not reader.poll(timeout_ms=3000)
+
+
+def test_dead_letter_brake_stops_the_worker(kafka_bootstrap: str, tiny_checkpoint: Path) -> None:
+    topics = fresh_topics(kafka_bootstrap, partitions=1)
+    settings = worker_settings(kafka_bootstrap, tiny_checkpoint, topics, dlq_max_consecutive=10)
+    placed = produce(kafka_bootstrap, topics.input, [(b"x", b"{bad json")] * 50)
+    worker = Worker(settings, engine_from_settings(settings))
+    stop = threading.Event()
+    with pytest.raises(DeadLetterRateExceeded, match="10 dead letters in a row"):
+        worker.run(stop)
+    committed = sum(
+        v or 0 for v in committed_offsets(kafka_bootstrap, topics.group, topics.input).values()
+    )
+    assert 10 <= committed < len(placed)  # stopped early; what it did dead-letter is committed
