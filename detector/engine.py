@@ -31,6 +31,8 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     warmup_batches: int = Field(default=2, ge=0)
     threads: int | None = Field(default=None, ge=1)
+    #: ``torch.compile`` the model (pays off on CUDA for long-running workers).
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class InferenceEngine:
         self.threshold = manifest.calibration.threshold
         self.classes = list(manifest.classes)
         self.warmed_up = False
+        self.oom_retries = 0
+        if self.config.compile:
+            self.model = torch.compile(self.model)
 
     @classmethod
     def from_checkpoint(
@@ -102,21 +107,45 @@ class InferenceEngine:
         self.warmed_up = True
 
     def scores(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,3,S,S) -> calibrated P(AI) (N,) and source probabilities (N, C), on the CPU."""
+        """(N,3,S,S) -> calibrated P(AI) (N,) and source probabilities (N, C), on the CPU.
+
+        Runs in chunks of ``max_batch_size``; a CUDA out-of-memory error halves the chunk
+        and retries, down to single images, before it is raised.
+        """
         ai_parts: list[torch.Tensor] = []
         source_parts: list[torch.Tensor] = []
         step = self.config.max_batch_size
+        start = 0
         with torch.inference_mode(), self._autocast():
-            for start in range(0, pixels.shape[0], step):
-                chunk = pixels[start : start + step].to(self.device, non_blocking=True)
-                if self.config.channels_last:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                out = self.model(chunk)
-                ai_parts.append(torch.sigmoid(out.binary_logit.float() / self.temperature).cpu())
-                source_parts.append(torch.softmax(out.source_logits.float(), dim=-1).cpu())
+            while start < pixels.shape[0]:
+                chunk = pixels[start : start + step]
+                try:
+                    logit, probs = self._forward(chunk)
+                except torch.cuda.OutOfMemoryError:
+                    if step == 1:
+                        raise
+                    step = max(1, step // 2)
+                    self.oom_retries += 1
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                ai_parts.append(torch.sigmoid(logit / self.temperature))
+                source_parts.append(probs)
+                start += chunk.shape[0]
         if not ai_parts:
             return torch.empty(0), torch.empty(0, len(self.classes))
         return torch.cat(ai_parts), torch.cat(source_parts)
+
+    def _forward(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call: binary logits and source probabilities, back on the CPU."""
+        if self.device.type == "cuda":
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+        else:
+            chunk = chunk.to(self.device)
+        if self.config.channels_last:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        out = self.model(chunk)
+        return out.binary_logit.float().cpu(), torch.softmax(out.source_logits.float(), -1).cpu()
 
     def predict_tensors(self, pixels: torch.Tensor) -> list[Prediction]:
         ai_scores, source_probs = self.scores(pixels)

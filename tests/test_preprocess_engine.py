@@ -94,3 +94,28 @@ def test_policy_thresholds() -> None:
         Policy(review_at=0.9, block_at=0.5)
     with pytest.raises(ValidationError):
         Policy(review_at=-0.1)
+
+
+class _SmallGpu(InferenceEngine):
+    """An engine whose device "fits" at most two images: CUDA's OOM, reproduced on the CPU."""
+
+    def _forward(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if chunk.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super()._forward(chunk)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_results(tiny_checkpoint: Path) -> None:
+    reference = InferenceEngine.from_checkpoint(tiny_checkpoint, EngineConfig(max_batch_size=16))
+    small = _SmallGpu(*_load(tiny_checkpoint), EngineConfig(max_batch_size=16))
+    pixels = torch.randn(11, 3, 64, 64)
+    expected, got = reference.scores(pixels), small.scores(pixels)
+    assert torch.allclose(expected[0], got[0], atol=1e-5)
+    assert torch.allclose(expected[1], got[1], atol=1e-5)
+    assert small.oom_retries == 3  # 16 -> 8 -> 4 -> 2
+
+
+def _load(path: Path):
+    from clipguard.detector import load_checkpoint
+
+    return load_checkpoint(path)
