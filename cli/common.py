@@ -10,10 +10,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+# Exit codes tell a supervisor what happened (documented in README "Serving").
+EXIT_OK = 0  # stopped cleanly: everything consumed was judged, published and committed
+EXIT_FAILURE = 1  # a runtime failure (broker unreachable, publish not acknowledged, bad model)
+EXIT_USAGE = 2  # a setting is wrong: fix the configuration, do not restart blindly
+EXIT_DEAD_LETTER_BRAKE = 3  # too many dead letters: likely a bad deploy, page a human
+EXIT_INTERRUPTED = 130  # a second signal: stopped at once, uncommitted work will be redelivered
 
 IMAGE_SUFFIXES = {
     ".jpg",

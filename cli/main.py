@@ -9,8 +9,15 @@ import sys
 from collections.abc import Sequence
 
 from clipguard.cli import broker, demo, predict, produce, serve, train
-from clipguard.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
+from clipguard.cli.common import (
+    EXIT_DEAD_LETTER_BRAKE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    setup_logging,
+)
 from clipguard.consumer.config import SettingsError
+from clipguard.consumer.errors import DeadLetterRateExceeded
 from clipguard.detector.errors import ClipguardError
 
 log = logging.getLogger("clipguard")
@@ -40,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"clipguard {args.command}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    except DeadLetterRateExceeded as exc:
+        print(f"clipguard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_DEAD_LETTER_BRAKE
     except ClipguardError as exc:
         print(f"clipguard {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -47,6 +47,28 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--device", help="auto, cpu, cuda, cuda:N")
     add_flag(
         parser,
+        "--decode-workers",
+        dest="decode_workers",
+        type=int,
+        help="decode threads (default: one per core)",
+    )
+    add_flag(
+        parser,
+        "--max-inflight",
+        dest="max_inflight",
+        type=int,
+        help="consumed-but-uncommitted cap; partitions pause above it (default 256)",
+    )
+    parser.add_argument(
+        "--exactly-once",
+        dest="exactly_once",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Kafka transactions for outputs and offsets",
+    )
+    add_flag(
+        parser,
         "--file-root",
         dest="file_root",
         type=Path,

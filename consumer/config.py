@@ -174,6 +174,7 @@ class WorkerSettings(KafkaSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
+    torch_compile: bool = False
 
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)

@@ -110,6 +110,7 @@ def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
             threads=settings.torch_threads,
+            compile=settings.torch_compile,
         ),
     )
 
