@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 from typing_extensions import Self
 
+from clipguard.consumer.netguard import parse_cidrs, parse_host_patterns
 from clipguard.detector.decode import DEFAULT_FORMATS
 
 
@@ -181,6 +182,23 @@ class WorkerSettings(KafkaSettings):
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     file_root: Path | None = None
 
+    # Image fetching over http(s) (DESIGN.md "Images"); the byte cap is max_image_bytes.
+    fetch_enabled: bool = True
+    #: Per connection attempt; never longer than what is left of the total timeout.
+    fetch_connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    #: One attempt, redirects included: connect, TLS, headers and body must all fit.
+    fetch_total_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    fetch_max_redirects: int = Field(default=3, ge=0, le=10)
+    #: Ranges the SSRF guard would refuse but this deployment may fetch from.
+    fetch_allow_cidrs: tuple[str, ...] = ()
+    #: When non-empty, only these hosts (``cdn.example.com``, ``*.example.com``) are fetched.
+    fetch_allow_hosts: tuple[str, ...] = ()
+    #: Extra attempts after a transient failure (timeout, reset, 5xx, 429); 0 = none.
+    fetch_retries: int = Field(default=2, ge=0, le=10)
+    #: Backoff before retry n: min(max, base * 2**(n-1)), jittered into its upper half.
+    fetch_retry_base_s: float = Field(default=0.2, ge=0, le=60)
+    fetch_retry_max_s: float = Field(default=2.0, ge=0, le=300)
+
     review_at: float | None = Field(default=None, ge=0.0, le=1.0)
     block_at: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -190,6 +208,24 @@ class WorkerSettings(KafkaSettings):
         if not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", value):
             raise ValueError(f"{value!r} is not a valid Kafka name")
         return value
+
+    @field_validator("fetch_allow_cidrs", "fetch_allow_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """Also accept ``"a,b"`` (flags, TOML strings) besides a list."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("fetch_allow_cidrs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(network) for network in parse_cidrs(value))
+
+    @field_validator("fetch_allow_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return parse_host_patterns(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkerSettings:
