@@ -268,7 +268,7 @@ class Worker(ConsumerRebalanceListener):
         if not self.settings.exactly_once:
             self._commit()
         self._apply_backpressure(inflight)
-        self._update_lag()
+        self._update_lag(force=bool(polled))
         self.metrics.ready.set(1 if self.health.ready() else 0)
 
     def _apply_backpressure(self, inflight: int) -> None:
@@ -307,10 +307,13 @@ class Worker(ConsumerRebalanceListener):
         with self._offsets_lock:
             self.offsets.committed(positions)
 
-    def _update_lag(self) -> None:
-        """Records behind the high watermark the broker reported with our last fetch."""
+    def _update_lag(self, force: bool = False) -> None:
+        """Records behind the high watermark the broker reported with our last fetch.
+
+        ``highwater`` is what the last fetch response said (no request), so this is cheap.
+        """
         now = self.clock()
-        if now < self._next_lag_update or self.consumer is None:
+        if (now < self._next_lag_update and not force) or self.consumer is None:
             return
         self._next_lag_update = now + 1.0
         for (topic, partition), offset in self._last_consumed.items():
