@@ -75,8 +75,9 @@ class ClipguardSettings(BaseSettings):
             return settings_cls(**overrides)
         except ValidationError as exc:
             raise SettingsError.from_validation(exc) from None
-        except ValueError as exc:  # a malformed TOML file
-            raise SettingsError([f"cannot read config file {config_file}: {exc}"]) from None
+        except ValueError as exc:  # a malformed TOML file, or an environment value
+            where = f"config file {config_file}" if config_file else "CLIPGUARD_* environment"
+            raise SettingsError([f"cannot read {where}: {exc}"]) from None
 
 
 class SettingsError(Exception):

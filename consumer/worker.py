@@ -152,7 +152,7 @@ class Worker(ConsumerRebalanceListener):
                 max_pixels=settings.max_image_pixels,
                 formats=settings.image_formats,
             ),
-            ImageSources(settings.max_image_bytes, settings.file_root),
+            ImageSources.from_settings(settings),
             self.metrics,
             clock,
         )
