@@ -1,0 +1,423 @@
+"""``clipguard bench``: DESIGN.md "Performance", measured side by side in one invocation.
+
+Stage capacities alone (model on pre-decoded tensors, decode+preprocess per core, broker
+round trip), the worker through the real broker with JPEG decode included, the naive
+one-at-a-time consumer, latency at 50% and 90% of the measured peak, and peak RSS under a burst
+of large images. Prints a table on stdout, progress on stderr, and writes JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, field_validator
+
+from clipguard.cli.bench_mix import ImageMix, large_mix, parse_size, zoo_mix
+from clipguard.cli.bench_naive import measure_naive
+from clipguard.cli.bench_probe import cores, source_commit
+from clipguard.cli.bench_report import derive, table
+from clipguard.cli.bench_stages import (
+    measure_broker,
+    measure_decode,
+    measure_model,
+    model_batch,
+)
+from clipguard.cli.bench_worker import (
+    BenchEnv,
+    fresh_topics,
+    inflight_cap,
+    measure_latency,
+    measure_memory,
+    measure_peak,
+)
+from clipguard.cli.common import EXIT_OK, add_flag, flag_values
+from clipguard.consumer.broker import EmbeddedBroker
+from clipguard.consumer.config import (
+    CheckpointPath,
+    ClipguardSettings,
+    SettingsError,
+    WorkerSettings,
+)
+from clipguard.detector import (
+    BackboneSpec,
+    DecodeLimits,
+    EngineConfig,
+    InferenceEngine,
+    Manifest,
+    build_encoder,
+    new_detector,
+    save_checkpoint,
+)
+from clipguard.detector.backbones import TINY_BACKBONE
+from clipguard.training import zoo
+
+LATENCY_LOADS = (0.5, 0.9)
+#: How long the worker's backlog should take to drain at the model's speed, when --events
+#: is not given; bounded so the tiny model does not get hours of work.
+PEAK_SECONDS = 15.0
+MIN_EVENTS, MAX_EVENTS = 200, 3000
+
+
+class BenchSettings(ClipguardSettings):
+    checkpoint: CheckpointPath | None = None
+    backbone: str = TINY_BACKBONE
+    json_file: Path | None = None
+    bootstrap_servers: str | None = None
+
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    worker_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    events: int | None = Field(default=None, ge=10)
+    naive_events: int | None = Field(default=None, ge=5)
+    mix_images: int = Field(default=32, ge=1, le=1000)
+    image_size: int | None = Field(default=None, ge=16, le=4096)
+    quality: int = Field(default=90, ge=1, le=100)
+    duration: float = Field(default=5.0, gt=0)
+    latency_duration: float = Field(default=10.0, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    burst_size: str = "4000x3000"
+    timeout: float = Field(default=600.0, gt=0)
+    seed: int = 0
+
+    skip_naive: bool = False
+    skip_latency: bool = False
+    skip_memory: bool = False
+
+    @field_validator("burst_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value.lower()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure stage capacities, pipeline efficiency, batching gain, latency, memory",
+        description="Runs DESIGN.md's performance measurements side by side on this machine "
+        "against the embedded broker (or --bootstrap-servers), prints a table and writes "
+        "JSON. Without --checkpoint an untrained detector of --backbone is built: same "
+        "compute as a trained one. Never a pass/fail test: numbers depend on the machine.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    add_flag(
+        source,
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="checkpoint directory or .safetensors",
+    )
+    add_flag(
+        source,
+        "--backbone",
+        metavar="NAME",
+        help=f"open_clip model, untrained (default {TINY_BACKBONE})",
+    )
+    add_flag(
+        parser, "--json", dest="json_file", type=Path, metavar="FILE", help="write the report here"
+    )
+    add_flag(
+        parser,
+        "--bootstrap-servers",
+        dest="bootstrap_servers",
+        metavar="HOST:PORT",
+        help="use this Kafka instead of starting the embedded broker",
+    )
+    add_flag(parser, "--batch-size", dest="batch_size", type=int, help="max batch (default 32)")
+    add_flag(parser, "--max-batch-wait-ms", dest="max_batch_wait_ms", type=int, help="default 20")
+    add_flag(parser, "--device", help="auto, cpu, cuda, cuda:N")
+    add_flag(parser, "--dtype", help="auto, float32, float16, bfloat16")
+    add_flag(parser, "--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--set",
+        dest="worker_set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other worker setting, e.g. --set max_poll_records=64 (repeatable)",
+    )
+    add_flag(
+        parser, "--events", type=int, help="backlog the worker drains (default: ~15 s of model)"
+    )
+    add_flag(parser, "--naive-events", dest="naive_events", type=int, help="default events/8")
+    add_flag(parser, "--mix-images", dest="mix_images", type=int, help="distinct JPEGs (32)")
+    add_flag(
+        parser,
+        "--image-size",
+        dest="image_size",
+        type=int,
+        help="side of the mix's JPEGs (default 128 for small models, 512 for 224 px ones)",
+    )
+    add_flag(parser, "--quality", type=int, help="JPEG quality of the mix (default 90)")
+    add_flag(parser, "--duration", type=float, help="seconds per stage capacity (default 5)")
+    add_flag(
+        parser,
+        "--latency-duration",
+        dest="latency_duration",
+        type=float,
+        help="seconds of paced load per latency level (default 10)",
+    )
+    add_flag(
+        parser,
+        "--burst",
+        type=int,
+        help="large images in the burst (default: in-flight cap x 1.25)",
+    )
+    add_flag(parser, "--burst-size", dest="burst_size", help="WIDTHxHEIGHT (4000x3000)")
+    add_flag(parser, "--timeout", type=float, help="seconds any one measurement may take")
+    add_flag(parser, "--seed", type=int)
+    for name in ("naive", "latency", "memory"):
+        parser.add_argument(
+            f"--skip-{name}",
+            dest=f"skip_{name}",
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"do not measure {name}",
+        )
+    parser.add_argument("--config", help="TOML file with settings")
+    parser.set_defaults(func=run)
+
+
+_started = time.monotonic()
+
+
+def note(text: str) -> None:
+    print(f"[bench {time.monotonic() - _started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SettingsError([f"--set expects KEY=VALUE, got {pair!r}"])
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except ValueError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def untrained_checkpoint(backbone: str, path: Path, seed: int) -> Path:
+    """A randomly initialised detector of ``backbone`` with the zoo's classes, saved."""
+    torch.manual_seed(seed)
+    encoder = build_encoder(BackboneSpec(name=backbone, pretrained=None))
+    classes = list(zoo.SOURCES)
+    manifest = Manifest(
+        version=f"bench-untrained-{backbone}",
+        backbone=encoder.model_config,
+        feature_dim=encoder.feature_dim,
+        classes=classes,
+        preprocess=encoder.preprocess,
+    )
+    save_checkpoint(new_detector(encoder, classes), manifest, path)
+    return path
+
+
+def worker_settings_factory(
+    settings: BenchSettings, checkpoint: Path, bootstrap: str
+) -> Callable[[str, str, str, str], WorkerSettings]:
+    def build(input_topic: str, output_topic: str, dlq_topic: str, group: str) -> WorkerSettings:
+        values: dict[str, Any] = {
+            "checkpoint": checkpoint,
+            "bootstrap_servers": bootstrap,
+            "input_topic": input_topic,
+            "output_topic": output_topic,
+            "dlq_topic": dlq_topic,
+            "group_id": group,
+            "metrics_enabled": False,
+            "max_batch_size": settings.batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "torch_threads": settings.threads,
+            # Tansu hands a new group its first assignment after session_timeout / 2.
+            "session_timeout_ms": 6_000,
+            "heartbeat_interval_ms": 1_000,
+            "max_poll_interval_ms": 60_000,
+            **settings.worker_overrides,
+        }
+        try:
+            return WorkerSettings(**values)
+        except ValidationError as exc:
+            raise SettingsError.from_validation(exc) from None
+
+    return build
+
+
+@contextlib.contextmanager
+def broker(settings: BenchSettings) -> Iterator[tuple[str, int | None]]:
+    """(bootstrap servers, broker pid): the given cluster, or an embedded Tansu for the run."""
+    if settings.bootstrap_servers:
+        yield settings.bootstrap_servers, None
+        return
+    with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap_servers, embedded.pid
+
+
+def _mix_size(settings: BenchSettings, model_size: int) -> int:
+    return settings.image_size or (128 if model_size < 224 else 512)
+
+
+def _header(settings: BenchSettings, engine: InferenceEngine, mix: ImageMix) -> dict[str, Any]:
+    manifest = engine.manifest
+    weights = f"checkpoint {manifest.version}" if settings.checkpoint else "untrained"
+    return {
+        "bench_format": 1,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
+        "machine": {
+            "cores": cores(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg()[0],
+        },
+        "config": {
+            "model": manifest.model_name,
+            "weights": weights,
+            "checkpoint": str(settings.checkpoint) if settings.checkpoint else None,
+            "model_image_size": manifest.preprocess.image_size,
+            "batch_size": settings.batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "mix": mix.describe(),
+            "worker_overrides": settings.worker_overrides,
+        },
+    }
+
+
+def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
+    engine = InferenceEngine.from_checkpoint(
+        checkpoint,
+        EngineConfig(
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.batch_size,
+            threads=settings.threads,
+        ),
+    )
+    cfg = engine.manifest.preprocess
+    size = _mix_size(settings, cfg.image_size)
+    note(f"image mix: {settings.mix_images} zoo images at {size} px, JPEG q{settings.quality}")
+    mix = zoo_mix(settings.mix_images, size, settings.quality, settings.seed)
+    report = _header(settings, engine, mix)
+    stages: dict[str, Any] = {}
+    report["stages"] = stages
+
+    note(f"model only: batches of {settings.batch_size} for {settings.duration:g}s")
+    stages["model"] = measure_model(
+        engine, model_batch(mix, cfg, settings.batch_size), settings.duration
+    )
+    note(f"  {stages['model']['images_per_s']:.1f} images/s")
+    note(f"decode+preprocess: one thread for {settings.duration:g}s")
+    stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
+    note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")
+
+    model_ips = stages["model"]["images_per_s"]
+    events = settings.events or int(min(MAX_EVENTS, max(MIN_EVENTS, model_ips * PEAK_SECONDS)))
+    naive_events = settings.naive_events or max(30, events // 8)
+    report["config"].update(events=events, naive_events=naive_events)
+
+    with broker(settings) as (bootstrap, pid):
+        build = worker_settings_factory(settings, checkpoint, bootstrap)
+        probe = build("bench.in", "bench.out", "bench.dlq", "bench")
+        env = BenchEnv(bootstrap, pid, settings.timeout, build)
+        note(f"broker round trip: {events} records via {bootstrap}")
+        stages["broker"] = measure_broker(
+            bootstrap,
+            fresh_topics(env, "broker").input,
+            mix.events("broker", events),
+            pid,
+            settings.timeout,
+        )
+        note(f"  {stages['broker']['records_per_s']:.1f} records/s")
+
+        note(f"worker: draining a backlog of {events} events (group join takes a few s)")
+        report["worker"] = measure_peak(env, engine, mix, events)
+        peak = report["worker"]["events_per_s"]
+        note(f"  {peak:.1f} events/s")
+
+        if not settings.skip_naive:
+            note(f"naive consumer: {naive_events} events one at a time")
+            report["naive"] = measure_naive(env, engine, mix, naive_events)
+            note(f"  {report['naive']['events_per_s']:.1f} events/s")
+
+        if not settings.skip_latency:
+            note(
+                f"latency: {settings.latency_duration:g}s each at "
+                + ", ".join(f"{load:.0%} ({load * peak:.1f}/s)" for load in LATENCY_LOADS)
+            )
+            loads = measure_latency(
+                env, engine, mix, peak, LATENCY_LOADS, settings.latency_duration
+            )
+            report["latency"] = {"loads": loads}
+
+        if not settings.skip_memory:
+            report["memory"] = _memory(settings, env, engine, probe)
+
+    note("model only again, to see how much the machine drifted meanwhile")
+    again = measure_model(engine, model_batch(mix, cfg, settings.batch_size), settings.duration)
+    first = stages["model"]["images_per_s"]
+    report["noise"] = {
+        "model_images_per_s_at_start": first,
+        "model_images_per_s_at_end": again["images_per_s"],
+        "drift": again["images_per_s"] / first - 1,
+    }
+    report["machine"]["loadavg_end"] = os.getloadavg()[0]
+    return derive(report)
+
+
+def _memory(
+    settings: BenchSettings, env: BenchEnv, engine: InferenceEngine, probe: WorkerSettings
+) -> dict[str, Any]:
+    width, height = parse_size(settings.burst_size)
+    if width * height > probe.max_image_pixels:
+        raise SettingsError([f"--burst-size {settings.burst_size} exceeds max_image_pixels"])
+    cap, _ = inflight_cap(probe)
+    # Past the cap, so the cap (not the burst) has to be what bounds memory.
+    count = settings.burst or cap + max(settings.batch_size, cap // 4)
+    note(f"memory: making {min(4, count)} distinct {width}x{height} JPEGs")
+    burst = large_mix(min(4, count), width, height, settings.quality, settings.seed)
+    if max(map(len, burst.jpegs)) > probe.max_image_bytes:
+        raise SettingsError([f"--burst-size {settings.burst_size} exceeds max_image_bytes"])
+    note(f"memory: burst of {count} through the worker (in-flight cap {cap})")
+    memory = measure_memory(env, engine, burst, count)
+    note(f"  peak rss {memory['peak_rss_mb']:.0f} MB (+{memory['growth_mb']:.0f} MB)")
+    return memory
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = flag_values(args, exclude={"worker_set"})
+    overrides["worker_overrides"] = _parse_sets(args.worker_set) or None
+    settings = BenchSettings.load(args.config, **overrides)
+    with tempfile.TemporaryDirectory(prefix="clipguard-bench-") as tmp:
+        checkpoint = settings.checkpoint
+        if checkpoint is None:
+            note(f"building an untrained {settings.backbone} detector")
+            checkpoint = untrained_checkpoint(settings.backbone, Path(tmp) / "detector", 0)
+        report = measure(settings, checkpoint)
+    print(table(report), flush=True)
+    if settings.json_file is not None:
+        settings.json_file.parent.mkdir(parents=True, exist_ok=True)
+        settings.json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        note(f"wrote {settings.json_file}")
+    return EXIT_OK

@@ -1,0 +1,175 @@
+"""The bench's verdict: the physical limit, the ratios DESIGN.md asks for, a table and JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+EFFICIENCY_TARGET = 0.9
+HALF_LOAD = 0.5
+
+
+def derive(report: dict[str, Any]) -> dict[str, Any]:
+    """Add ``limit``, ``efficiency``, ``batching`` and the latency bound to a raw report."""
+    stages = report["stages"]
+    capacities = {
+        "model": stages["model"]["images_per_s"],
+        "decode": stages["decode"]["images_per_s"],
+        "broker": stages["broker"]["records_per_s"],
+    }
+    stage = min(capacities, key=capacities.__getitem__)
+    limit = capacities[stage]
+    serial = 1.0 / sum(1.0 / c for c in capacities.values())
+    report["limit"] = {
+        "stage": stage,
+        "events_per_s": limit,
+        "capacities": capacities,
+        # On a CPU the stages share the same cores: if each stage needs all of them for its
+        # share of an event, the pipeline cannot beat this. The truth lies in between.
+        "serial_events_per_s": serial,
+    }
+    worker = report.get("worker")
+    if worker:
+        ratio = worker["events_per_s"] / limit
+        report["efficiency"] = {
+            "ratio": ratio,
+            "target": EFFICIENCY_TARGET,
+            "meets_target": ratio >= EFFICIENCY_TARGET,
+            "vs_serial": worker["events_per_s"] / serial,
+        }
+    naive = report.get("naive")
+    if worker and naive:
+        report["batching"] = {
+            "worker_events_per_s": worker["events_per_s"],
+            "naive_events_per_s": naive["events_per_s"],
+            "gain": worker["events_per_s"] / naive["events_per_s"],
+        }
+    latency = report.get("latency")
+    if latency:
+        config = report["config"]
+        bound_ms = config["max_batch_wait_ms"] + 2000 * stages["model"]["batch_seconds_p50"]
+        latency["bound_ms"] = bound_ms
+        half = [p for p in latency["loads"] if p["load"] == HALF_LOAD]
+        if half:
+            latency["p99_within_bound_at_50"] = half[0]["p99_ms"] < bound_ms
+    return report
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _kb(value: float) -> str:
+    return f"{value / 1024:.1f} KB" if value < 1024 * 1024 else f"{value / 1024 / 1024:.1f} MB"
+
+
+def _usage(section: dict[str, Any]) -> str:
+    parts = [f"cpu {section['process_cpu_cores']:.2f} cores"]
+    if "broker_cpu_cores" in section:
+        parts.append(f"broker {section['broker_cpu_cores']:.2f}")
+    return ", ".join(parts)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The human-readable summary, one aligned line per measurement."""
+    cfg, machine, stages = report["config"], report["machine"], report["stages"]
+    model, decode, broker = stages["model"], stages["decode"], stages["broker"]
+    mix = cfg["mix"]
+    lines = [
+        f"clipguard bench  {report['started_at']}  commit {report.get('commit') or 'unknown'}",
+        f"model    {cfg['model']} ({cfg['weights']}), input {cfg['model_image_size']} px, "
+        f"{machine['device']} {machine['dtype']}, batch {cfg['batch_size']}, "
+        f"wait {cfg['max_batch_wait_ms']} ms",
+        f"machine  {machine['cores']} cores, torch threads {machine['torch_threads']}, "
+        f"load avg {machine['loadavg_start']:.2f} -> {machine['loadavg_end']:.2f}",
+        f"mix      {mix['images']} zoo JPEGs {mix['width']}x{mix['height']} q{mix['quality']}, "
+        f"mean {_kb(mix['mean_jpeg_bytes'])}",
+        "",
+        f"{'stage capacity (each alone)':<30}{'per s':>10}  detail",
+        f"{'  model only':<30}{_rate(model['images_per_s']):>10}  images/s, "
+        f"{1000 * model['batch_seconds_p50']:.1f} ms per batch of {model['batch_size']} (p50); "
+        f"{_usage(model)}",
+        f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
+        f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "
+        f"({decode['ms_per_image']:.2f} ms/image)",
+        f"{'  broker round trip':<30}{_rate(broker['records_per_s']):>10}  records/s of "
+        f"{_kb(broker['mean_record_bytes'])}, produce+consume; {_usage(broker)}",
+    ]
+    limit = report["limit"]
+    lines.append(
+        f"{'  limit':<30}{_rate(limit['events_per_s']):>10}  {limit['stage'].upper()} is the "
+        f"bottleneck (all stages on shared cores: {_rate(limit['serial_events_per_s'])}/s)"
+    )
+    noise = report.get("noise")
+    if noise:
+        lines.append(
+            f"{'  model only, at the end':<30}{_rate(noise['model_images_per_s_at_end']):>10}  "
+            f"images/s: {noise['drift']:+.0%} drift while the bench ran (machine noise)"
+        )
+    lines += ["", f"{'pipeline':<30}{'per s':>10}  detail"]
+    worker = report.get("worker")
+    if worker:
+        eff = report["efficiency"]
+        verdict = "meets" if eff["meets_target"] else "BELOW"
+        lines.append(
+            f"{'  worker, input -> verdicts':<30}{_rate(worker['events_per_s']):>10}  "
+            f"events/s over {worker['events']} events; {_usage(worker)}"
+        )
+        lines.append(
+            f"{'  efficiency':<30}{eff['ratio']:>10.2f}  of the limit, {verdict} the "
+            f"target {eff['target']:.2f}; {eff['vs_serial']:.2f} of the shared-core bound"
+        )
+    else:
+        lines.append("  worker: skipped")
+    naive = report.get("naive")
+    if naive:
+        lines.append(
+            f"{'  naive one-at-a-time':<30}{_rate(naive['events_per_s']):>10}  "
+            f"events/s over {naive['events']} events; {_usage(naive)}"
+        )
+    if "batching" in report:
+        lines.append(f"{'  batching gain':<30}{report['batching']['gain']:>9.2f}x  worker / naive")
+    latency = report.get("latency")
+    lines.append("")
+    if latency:
+        lines.append(
+            f"latency, produce -> verdict read back (bound at 50%: wait + 2 x batch = "
+            f"{latency['bound_ms']:.0f} ms)"
+        )
+        lines.append(
+            f"{'  load':<10}{'offered/s':>10}{'events':>8}{'p50 ms':>10}{'p99 ms':>10}"
+            f"{'max ms':>10}  p99 vs bound"
+        )
+        for phase in latency["loads"]:
+            check = ""
+            if phase["load"] == HALF_LOAD:
+                check = "ok" if latency["p99_within_bound_at_50"] else "OVER"
+            lines.append(
+                f"  {round(100 * phase['load']):>3}%    {_rate(phase['offered_events_per_s']):>10}"
+                f"{phase['events']:>8}{phase['p50_ms']:>10.0f}{phase['p99_ms']:>10.0f}"
+                f"{phase['max_ms']:>10.0f}  {check}"
+            )
+    else:
+        lines.append("latency: skipped")
+    memory = report.get("memory")
+    lines.append("")
+    if memory:
+        lines.append(
+            f"memory, burst of {memory['events']} JPEGs {memory['width']}x{memory['height']} "
+            f"({_kb(memory['mean_jpeg_bytes'])} each)"
+        )
+        check = "within" if memory["within_bound"] else "OVER"
+        inflight = memory.get("peak_inflight")
+        lines.append(
+            f"  rss {memory['baseline_rss_mb']:.0f} MB -> peak {memory['peak_rss_mb']:.0f} MB "
+            f"(+{memory['growth_mb']:.0f} MB), {check} the bound of +{memory['bound_mb']:.0f} MB"
+            + (f"; peak in flight {inflight}" if inflight is not None else "")
+        )
+        lines.append(
+            f"  bound = fetch buffer {memory['fetch_buffer_mb']:.0f} MB + in-flight cap "
+            f"{memory['inflight_cap']} ({memory['inflight_cap_source']}) x "
+            f"{memory['held_per_event_mb']:.1f} MB held + {memory['decoding_at_once']} decoding x "
+            f"{memory['pixels_per_decode_mb']:.0f} MB of pixels"
+        )
+    else:
+        lines.append("memory: skipped")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Stage capacities, each measured alone: the model, decode+preprocess, the broker round trip."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from clipguard.cli.bench_mix import ImageMix
+from clipguard.cli.bench_probe import Span, cores
+from clipguard.detector.decode import DecodeLimits, decode_image
+from clipguard.detector.engine import InferenceEngine
+from clipguard.detector.errors import ClipguardError
+from clipguard.detector.preprocess import PreprocessConfig, preprocess
+
+
+class BenchError(ClipguardError):
+    """A measurement could not be completed (broker, worker or timeout)."""
+
+    stage = "bench"
+    reason = "failed"
+
+
+def load_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """The load generator's producer: large batches, large records, every write acknowledged."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap.split(","),
+        "client_id": "clipguard-bench",
+        "acks": "all",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_request_size": 64 * 1024 * 1024,
+    }
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def model_batch(mix: ImageMix, cfg: PreprocessConfig, batch_size: int) -> torch.Tensor:
+    """A batch of real preprocessed images from the mix (decoded outside the timing)."""
+    pixels = [preprocess(decode_image(jpeg), cfg) for jpeg in mix.jpegs[:batch_size]]
+    return torch.stack([pixels[i % len(pixels)] for i in range(batch_size)])
+
+
+def measure_model(
+    engine: InferenceEngine, batch: torch.Tensor, duration_s: float, min_batches: int = 3
+) -> dict[str, Any]:
+    """images/s of ``engine.scores`` on a pre-made batch at the configured size, warmed up."""
+    engine.warm_up()
+    engine.scores(batch)
+    times: list[float] = []
+    with Span() as span:
+        while len(times) < min_batches or sum(times) < duration_s:
+            started = time.perf_counter()
+            engine.scores(batch)
+            times.append(time.perf_counter() - started)
+    size = batch.shape[0]
+    return {
+        "images_per_s": size * len(times) / sum(times),
+        "batch_size": size,
+        "batches": len(times),
+        "batch_seconds_p50": statistics.median(times),
+        "batch_seconds_mean": statistics.fmean(times),
+        "seconds": span.wall,
+        **span.usage(),
+    }
+
+
+def measure_decode(
+    mix: ImageMix,
+    cfg: PreprocessConfig,
+    limits: DecodeLimits,
+    duration_s: float,
+    min_images: int = 20,
+) -> dict[str, Any]:
+    """decode_image + preprocess on one thread: images/s per core, times the cores here."""
+    count = 0
+    with Span() as span:
+        started = time.perf_counter()
+        while count < min_images or time.perf_counter() - started < duration_s:
+            preprocess(decode_image(mix.jpegs[count % len(mix.jpegs)], limits), cfg)
+            count += 1
+    per_core = count / span.wall
+    n_cores = cores()
+    return {
+        "images_per_s_per_core": per_core,
+        "cores": n_cores,
+        "images_per_s": per_core * n_cores,
+        "ms_per_image": 1000 / per_core,
+        "images": count,
+        "seconds": span.wall,
+        **span.usage(),
+    }
+
+
+def _consume_count(consumer: KafkaConsumer, count: int, deadline: float, done: list[float]) -> None:
+    seen = 0
+    while seen < count and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=100).values():
+            seen += len(records)
+    done.append(time.perf_counter() if seen >= count else float("nan"))
+
+
+def measure_broker(
+    bootstrap: str,
+    topic: str,
+    events: Sequence[tuple[bytes, bytes]],
+    broker_pid: int | None,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Produce the events and consume them back concurrently: records/s first send to last read.
+
+    Producer and consumer share this process, as the worker's consumer and producer do.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","),
+        client_id="clipguard-bench",
+        enable_auto_commit=False,
+    )
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    consumer.poll(timeout_ms=0)  # resolve positions before the clock starts
+    producer = load_producer(bootstrap)
+    done: list[float] = []
+    reader = threading.Thread(
+        target=_consume_count,
+        args=(consumer, len(events), time.monotonic() + timeout_s, done),
+        daemon=True,
+    )
+    try:
+        with Span(broker_pid) as span:
+            started = time.perf_counter()
+            reader.start()
+            for key, value in events:
+                producer.send(topic, key=key, value=value)
+            producer.flush()
+            reader.join()
+    finally:
+        producer.close()
+        consumer.close()
+    finished = done[0] if done else float("nan")
+    if finished != finished:  # NaN: not everything came back
+        raise BenchError(f"broker round trip: not all {len(events)} records read back")
+    seconds = finished - started
+    return {
+        "records_per_s": len(events) / seconds,
+        "records": len(events),
+        "mean_record_bytes": round(sum(len(v) for _, v in events) / len(events)),
+        "seconds": seconds,
+        **span.usage(),
+    }
