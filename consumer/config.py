@@ -152,7 +152,8 @@ class WorkerSettings(KafkaSettings):
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
     max_poll_records: int = Field(default=256, ge=1, le=10_000)
-    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    #: Only the consumer thread's own cadence (~100 ms) must fit in it, never a batch.
+    max_poll_interval_ms: int = Field(default=300_000, ge=200)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     produce_timeout_s: float = Field(default=30.0, gt=0)

@@ -483,8 +483,8 @@ class Worker(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Any) -> None:
         """Finish and commit the revoked partitions' in-flight work before letting go."""
         gone = {(tp.topic, tp.partition) for tp in revoked}
-        self.metrics.rebalances.labels(event="revoked").inc()
         if gone:
+            self.metrics.rebalances.labels(event="revoked").inc()
             self._wait_for(gone, self.settings.max_poll_interval_ms / 2000)
             if not self.settings.exactly_once:
                 with contextlib.suppress(Exception):
@@ -492,14 +492,16 @@ class Worker(ConsumerRebalanceListener):
         self._forget(gone)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.metrics.rebalances.labels(event="assigned").inc()
+        if assigned:
+            self.metrics.rebalances.labels(event="assigned").inc()
         self._set_assigned(self.assigned | {(tp.topic, tp.partition) for tp in assigned})
         if self.paused and self.consumer is not None:  # new partitions obey the pause too
             self.consumer.pause(*self.consumer.assignment())
 
     def on_partitions_lost(self, lost: Any) -> None:
         """Lost, not revoked: someone else may own them already, so drop, never commit."""
-        self.metrics.rebalances.labels(event="lost").inc()
+        if lost:
+            self.metrics.rebalances.labels(event="lost").inc()
         self._forget({(tp.topic, tp.partition) for tp in lost})
 
     def _forget(self, gone: set[TopicPartitionKey]) -> None:

@@ -232,3 +232,54 @@ def test_dead_letter_brake_stops_the_worker(kafka_bootstrap: str, tiny_checkpoin
         v or 0 for v in committed_offsets(kafka_bootstrap, topics.group, topics.input).values()
     )
     assert 10 <= committed < len(placed)  # stopped early; what it did dead-letter is committed
+
+
+def test_slow_batches_never_exceed_max_poll_interval(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A ViT-B-32 batch on 2 CPU cores takes longer than this 200 ms poll interval: the
+    consumer thread keeps polling meanwhile, so the group never sees this member time out."""
+    import torch
+
+    from clipguard.detector import BackboneSpec, Manifest, build_encoder, new_detector
+    from clipguard.detector import save_checkpoint as save
+
+    torch.manual_seed(0)
+    encoder = build_encoder(BackboneSpec(name="ViT-B-32"))
+    classes = ["real", "gen"]
+    checkpoint = tmp_path / "vit-b-32"
+    save(
+        new_detector(encoder, classes),
+        Manifest(
+            version="slow",
+            backbone=encoder.model_config,
+            feature_dim=encoder.feature_dim,
+            classes=classes,
+            preprocess=encoder.preprocess,
+        ),
+        checkpoint,
+    )
+    topics = fresh_topics(kafka_bootstrap, partitions=2)
+    settings = worker_settings(
+        kafka_bootstrap,
+        checkpoint,
+        topics,
+        max_poll_interval_ms=1_000,
+        max_batch_size=32,
+        max_batch_wait_ms=200,
+        max_inflight=64,
+    )
+    # Queued before the worker starts, so its batches are full (64 images at 224 px).
+    placed = produce(kafka_bootstrap, topics.input, _events(128, "slow", size=(256, 256)))
+    with running_worker(settings) as worker:
+        out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=180)
+        inference = worker.metrics.registry.get_sample_value("clipguard_inference_seconds_sum")
+        batches = worker.metrics.registry.get_sample_value("clipguard_inference_seconds_count")
+        revoked = worker.metrics.registry.get_sample_value(
+            "clipguard_rebalances_total", {"event": "revoked"}
+        )
+    mean_batch_s = inference / batches
+    print(f"mean batch inference {mean_batch_s:.2f}s with max_poll_interval 0.2s")
+    if mean_batch_s < 0.2:  # the premise, not a speed requirement
+        pytest.skip(f"batches took {mean_batch_s:.2f}s here: too fast to outlast the interval")
+    assert set(out.covered(topics.input)) == set(placed)
+    assert len(out.verdicts) == len(placed)  # no rebalance, so no event judged twice
+    assert not revoked
