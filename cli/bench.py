@@ -29,6 +29,7 @@ from clipguard.cli.bench_naive import measure_naive
 from clipguard.cli.bench_probe import cores, source_commit
 from clipguard.cli.bench_report import derive, table
 from clipguard.cli.bench_stages import (
+    kafka_crc_mode,
     measure_broker,
     measure_decode,
     measure_model,
@@ -66,8 +67,8 @@ from clipguard.training import zoo
 LATENCY_LOADS = (0.5, 0.9)
 #: How long the worker's backlog should take to drain at the model's speed, when --events
 #: is not given; bounded so the tiny model does not get hours of work.
-PEAK_SECONDS = 15.0
-MIN_EVENTS, MAX_EVENTS = 200, 3000
+PEAK_SECONDS = 10.0
+MIN_EVENTS, MAX_EVENTS = 200, 2000
 
 
 class BenchSettings(ClipguardSettings):
@@ -154,7 +155,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(
         parser, "--events", type=int, help="backlog the worker drains (default: ~15 s of model)"
     )
-    add_flag(parser, "--naive-events", dest="naive_events", type=int, help="default events/8")
+    add_flag(
+        parser,
+        "--naive-events",
+        dest="naive_events",
+        type=int,
+        help="backlog for the naive consumer, which stops after 2 x --duration (default --events)",
+    )
     add_flag(parser, "--mix-images", dest="mix_images", type=int, help="distinct JPEGs (32)")
     add_flag(
         parser,
@@ -291,6 +298,7 @@ def _header(settings: BenchSettings, engine: InferenceEngine, mix: ImageMix) -> 
             "python": platform.python_version(),
             "platform": platform.platform(),
             "loadavg_start": os.getloadavg()[0],
+            "kafka_crc32c": kafka_crc_mode(),
         },
         "config": {
             "model": manifest.model_name,
@@ -332,10 +340,14 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
     note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")
 
-    model_ips = stages["model"]["images_per_s"]
-    events = settings.events or int(min(MAX_EVENTS, max(MIN_EVENTS, model_ips * PEAK_SECONDS)))
-    naive_events = settings.naive_events or max(30, events // 8)
-    report["config"].update(events=events, naive_events=naive_events)
+    # Backlogs sized to take PEAK_SECONDS at the slower of the two stages measured so far.
+    fastest = min(stages["model"]["images_per_s"], stages["decode"]["images_per_s"])
+    events = settings.events or int(min(MAX_EVENTS, max(MIN_EVENTS, fastest * PEAK_SECONDS)))
+    naive_events = settings.naive_events or events
+    naive_seconds = 2 * settings.duration
+    report["config"].update(
+        events=events, naive_events=naive_events, naive_max_seconds=naive_seconds
+    )
 
     with broker(settings) as (bootstrap, pid):
         build = worker_settings_factory(settings, checkpoint, bootstrap)
@@ -357,8 +369,8 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
         note(f"  {peak:.1f} events/s")
 
         if not settings.skip_naive:
-            note(f"naive consumer: {naive_events} events one at a time")
-            report["naive"] = measure_naive(env, engine, mix, naive_events)
+            note(f"naive consumer: one event at a time for up to {naive_seconds:g}s")
+            report["naive"] = measure_naive(env, engine, mix, naive_events, naive_seconds)
             note(f"  {report['naive']['events_per_s']:.1f} events/s")
 
         if not settings.skip_latency:

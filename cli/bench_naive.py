@@ -71,10 +71,10 @@ class NaiveConsumer:
             metadata=upload.metadata,
         )
 
-    def run(self, count: int) -> int:
-        """Judge ``count`` records; returns how many were done before the time limit."""
+    def run(self, count: int, seconds: float) -> int:
+        """Judge up to ``count`` records for at most ``seconds``; returns how many were done."""
         done = 0
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + seconds
         while done < count and time.monotonic() < deadline:
             for tp, records in self.consumer.poll(timeout_ms=100, max_records=1).items():
                 for raw in records:
@@ -92,22 +92,22 @@ class NaiveConsumer:
 
 
 def measure_naive(
-    env: BenchEnv, engine: InferenceEngine, mix: ImageMix, count: int
+    env: BenchEnv, engine: InferenceEngine, mix: ImageMix, count: int, seconds: float
 ) -> dict[str, Any]:
-    """events/s of the naive consumer draining a backlog of ``count`` events."""
+    """events/s of the naive consumer draining a backlog: ``count`` events or ``seconds``."""
     topics = fresh_topics(env, "naive")
     produce_all(env, topics.input, mix.events("naive", count))
     naive = NaiveConsumer(env, engine, topics.input, topics.output)
     try:
         with Span(env.broker_pid) as span:
-            done = naive.run(count)
+            done = naive.run(count, seconds)
     finally:
         naive.close()
-    if done < count:
-        raise BenchError(f"naive consumer: {done} of {count} events in {env.timeout_s:.0f}s")
+    if done == 0:
+        raise BenchError(f"naive consumer: no event judged in {seconds:.0f}s")
     return {
-        "events": count,
-        "events_per_s": count / span.wall,
+        "events": done,
+        "events_per_s": done / span.wall,
         "seconds": span.wall,
         **span.usage(),
     }

@@ -80,7 +80,8 @@ def table(report: dict[str, Any]) -> str:
         f"{machine['device']} {machine['dtype']}, batch {cfg['batch_size']}, "
         f"wait {cfg['max_batch_wait_ms']} ms",
         f"machine  {machine['cores']} cores, torch threads {machine['torch_threads']}, "
-        f"load avg {machine['loadavg_start']:.2f} -> {machine['loadavg_end']:.2f}",
+        f"load avg {machine['loadavg_start']:.2f} -> {machine['loadavg_end']:.2f}, "
+        f"kafka-python CRC-32C {machine['kafka_crc32c']}",
         f"mix      {mix['images']} zoo JPEGs {mix['width']}x{mix['height']} q{mix['quality']}, "
         f"mean {_kb(mix['mean_jpeg_bytes'])}",
         "",
@@ -114,6 +115,15 @@ def table(report: dict[str, Any]) -> str:
             f"{'  worker, input -> verdicts':<30}{_rate(worker['events_per_s']):>10}  "
             f"events/s over {worker['events']} events; {_usage(worker)}"
         )
+        inside = worker.get("inside")
+        if inside:
+            lines.append(
+                f"{'    inside the worker':<30}{'':>10}  model busy {inside['model_busy']:.0%}, "
+                f"{inside['batches']} batches of {inside['mean_batch_size']:.1f} (wait "
+                f"{inside['mean_batch_wait_ms']:.0f} ms), decode {inside['decode_busy_cores']:.2f} "
+                f"cores, in flight {inside['mean_inflight']:.0f} (max "
+                f"{inside['max_inflight']:.0f}), paused {inside['paused_fraction']:.0%}"
+            )
         lines.append(
             f"{'  efficiency':<30}{eff['ratio']:>10.2f}  of the limit, {verdict} the "
             f"target {eff['target']:.2f}; {eff['vs_serial']:.2f} of the shared-core bound"

@@ -40,6 +40,73 @@ def load_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
+def kafka_crc_mode() -> str:
+    """How kafka-python computes record-batch CRC-32C: the C extension or pure Python.
+
+    Without the ``crc32c`` package every byte produced and every byte consumed (``check_crcs``
+    is on by default) goes through a pure-Python loop of a few MB/s, holding the GIL.
+    """
+    try:
+        from kafka.record import util
+    except ImportError:  # pragma: no cover - kafka-python moved it
+        return "unknown"
+    return "c" if getattr(util, "crc32c_c", None) is not None else "pure-python"
+
+
+def fill_topic(
+    bootstrap: str, topic: str, events: Sequence[tuple[bytes, bytes]], timeout_s: float
+) -> None:
+    """Put a backlog on a topic (setup, not measured) and wait for every acknowledgement.
+
+    Uses confluent-kafka (librdkafka) where it is installed, so large bursts do not wait on
+    kafka-python's CRC; the worker under test still consumes them with kafka-python.
+    """
+    try:
+        import confluent_kafka
+    except ImportError:
+        confluent_kafka = None
+    if confluent_kafka is None:
+        producer = load_producer(bootstrap)
+        try:
+            futures = [producer.send(topic, key=key, value=value) for key, value in events]
+            producer.flush(timeout=timeout_s)
+            for future in futures:
+                future.get(timeout=timeout_s)
+        finally:
+            producer.close()
+        return
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    fast = confluent_kafka.Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "client.id": "clipguard-bench-fill",
+            "acks": "all",
+            "linger.ms": 5,
+            "message.max.bytes": 64 * 1024 * 1024,
+            "queue.buffering.max.kbytes": 512 * 1024,
+        }
+    )
+    for key, value in events:
+        while True:
+            try:
+                fast.produce(topic, value=value, key=key, on_delivery=delivered)
+                break
+            except BufferError:
+                fast.poll(0.05)
+        fast.poll(0)
+    left = fast.flush(timeout_s)
+    if left or failures:
+        raise BenchError(
+            f"filling {topic}: {left} records unacknowledged, {len(failures)} failed "
+            f"({failures[:1]})"
+        )
+
+
 def model_batch(mix: ImageMix, cfg: PreprocessConfig, batch_size: int) -> torch.Tensor:
     """A batch of real preprocessed images from the mix (decoded outside the timing)."""
     pixels = [preprocess(decode_image(jpeg), cfg) for jpeg in mix.jpegs[:batch_size]]

@@ -25,7 +25,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from clipguard.cli.bench_mix import ImageMix
 from clipguard.cli.bench_probe import RssSampler, Span, rss_bytes
-from clipguard.cli.bench_stages import BenchError, load_producer
+from clipguard.cli.bench_stages import BenchError, fill_topic, load_producer
 from clipguard.consumer.broker import create_topics
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.worker import Worker
@@ -62,14 +62,7 @@ def fresh_topics(env: BenchEnv, scenario: str, partitions: int = 3) -> Topics:
 
 def produce_all(env: BenchEnv, topic: str, events: Sequence[tuple[bytes, bytes]]) -> None:
     """Put a backlog on the input topic and wait until the broker acknowledged all of it."""
-    producer = load_producer(env.bootstrap)
-    try:
-        futures = [producer.send(topic, key=key, value=value) for key, value in events]
-        producer.flush()
-        for future in futures:
-            future.get(timeout=env.timeout_s)
-    finally:
-        producer.close()
+    fill_topic(env.bootstrap, topic, events, env.timeout_s)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -161,6 +154,65 @@ class Collector:
         self.consumer.close()
 
 
+class MetricsProbe:
+    """The worker's own metrics (DESIGN.md "Metrics") read while it runs: where its time went.
+
+    Samples the in-flight and paused gauges on a thread; histogram sums give the model's and
+    the decoders' busy time and the batch sizes actually run.
+    """
+
+    def __init__(self, registry: Any, interval_s: float = 0.02) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self.inflight: list[float] = []
+        self.paused: list[bool] = []
+        self._start = self._histograms()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-metrics", daemon=True)
+
+    def _value(self, name: str) -> float:
+        return self.registry.get_sample_value(name) or 0.0
+
+    def _histograms(self) -> dict[str, float]:
+        names = ("batch_size", "inference_seconds", "decode_seconds", "batch_wait_seconds")
+        return {
+            f"{name}_{part}": self._value(f"clipguard_{name}_{part}")
+            for name in names
+            for part in ("sum", "count")
+        }
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.inflight.append(self._value("clipguard_inflight_events"))
+            self.paused.append(self._value("clipguard_paused_partitions") > 0)
+
+    def __enter__(self) -> MetricsProbe:
+        self._start = self._histograms()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        end = self._histograms()
+        delta = {key: end[key] - self._start[key] for key in end}
+        batches = delta["batch_size_count"]
+        return {
+            "batches": int(batches),
+            "mean_batch_size": delta["batch_size_sum"] / batches if batches else 0.0,
+            "mean_batch_wait_ms": 1000 * delta["batch_wait_seconds_sum"] / batches
+            if batches
+            else 0.0,
+            "model_busy": delta["inference_seconds_sum"] / seconds,
+            "decode_busy_cores": delta["decode_seconds_sum"] / seconds,
+            "mean_inflight": statistics.fmean(self.inflight) if self.inflight else 0.0,
+            "max_inflight": max(self.inflight, default=0.0),
+            "paused_fraction": sum(self.paused) / len(self.paused) if self.paused else 0.0,
+        }
+
+
 @dataclass
 class RunningWorker:
     worker: Worker
@@ -219,7 +271,8 @@ def measure_peak(
     collector = Collector(env.bootstrap, topics)
     try:
         with running_worker(_settings(env, topics), engine, env.timeout_s) as run:
-            with Span(env.broker_pid) as span:
+            probe = MetricsProbe(run.worker.metrics.registry)
+            with Span(env.broker_pid) as span, probe:
                 collector.wait("peak", count, env.timeout_s, run.alive)
             last = collector.last_arrival("peak")
             first = collector.first_arrival or last
@@ -235,6 +288,7 @@ def measure_peak(
         "error_verdicts": collector.error_verdicts,
         "dead_letters": collector.dead_letters,
         **span.usage(),
+        "inside": probe.summary(seconds),
     }
 
 

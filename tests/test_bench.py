@@ -1,0 +1,185 @@
+"""``clipguard bench``: every section of the report is there and its ratios add up.
+
+The bench is measurement, never a timed test: nothing here asserts a speed, only that each
+number was measured (positive) and that the derived ones follow from the measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clipguard.cli.bench_mix import parse_size, zoo_mix
+from clipguard.cli.bench_report import derive, table
+from clipguard.cli.bench_worker import percentile
+from clipguard.cli.main import main
+
+SECTIONS = ("machine", "config", "stages", "limit", "worker", "efficiency", "naive", "batching")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_bench_tiny_writes_every_section_with_consistent_ratios(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--events",
+            "40",
+            "--naive-events",
+            "10",
+            "--duration",
+            "0.3",
+            "--latency-duration",
+            "1",
+            "--mix-images",
+            "4",
+            "--burst",
+            "3",
+            "--burst-size",
+            "640x480",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    for section in (*SECTIONS, "latency", "memory", "noise"):
+        assert report.get(section), section
+    assert "bottleneck" in printed and "efficiency" in printed and "batching gain" in printed
+
+    stages = report["stages"]
+    model, decode, broker = stages["model"], stages["decode"], stages["broker"]
+    assert model["images_per_s"] > 0 and model["batch_seconds_p50"] > 0
+    assert model["batch_size"] == report["config"]["batch_size"] == 32
+    assert decode["images_per_s_per_core"] > 0 and decode["cores"] >= 1
+    assert _close(decode["images_per_s"], decode["images_per_s_per_core"] * decode["cores"])
+    assert broker["records_per_s"] > 0 and broker["records"] == 40
+
+    limit = report["limit"]
+    capacities = {
+        "model": model["images_per_s"],
+        "decode": decode["images_per_s"],
+        "broker": broker["records_per_s"],
+    }
+    assert limit["capacities"] == capacities
+    assert limit["stage"] == min(capacities, key=capacities.__getitem__)
+    assert _close(limit["events_per_s"], min(capacities.values()))
+    assert 0 < limit["serial_events_per_s"] <= limit["events_per_s"]
+
+    worker, naive = report["worker"], report["naive"]
+    assert worker["events"] == 40 and worker["events_per_s"] > 0
+    assert worker["error_verdicts"] == 0 and worker["dead_letters"] == 0
+    assert worker["inside"]["batches"] >= 1 and worker["inside"]["mean_batch_size"] >= 1
+    assert 1 <= naive["events"] <= 10 and naive["events_per_s"] > 0
+    efficiency = report["efficiency"]
+    assert _close(efficiency["ratio"], worker["events_per_s"] / limit["events_per_s"])
+    assert efficiency["meets_target"] == (efficiency["ratio"] >= efficiency["target"] == 0.9)
+    assert _close(report["batching"]["gain"], worker["events_per_s"] / naive["events_per_s"])
+
+    latency = report["latency"]
+    assert [p["load"] for p in latency["loads"]] == [0.5, 0.9]
+    for phase in latency["loads"]:
+        assert _close(phase["target_events_per_s"], phase["load"] * worker["events_per_s"])
+        assert phase["events"] >= 10 and phase["offered_events_per_s"] > 0
+        assert 0 < phase["p50_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+    bound = report["config"]["max_batch_wait_ms"] + 2000 * model["batch_seconds_p50"]
+    assert _close(latency["bound_ms"], bound)
+    assert latency["p99_within_bound_at_50"] == (latency["loads"][0]["p99_ms"] < bound)
+
+    memory = report["memory"]
+    assert memory["events"] == 3 and (memory["width"], memory["height"]) == (640, 480)
+    assert memory["peak_rss_mb"] >= memory["baseline_rss_mb"] > 0
+    assert _close(memory["growth_mb"], memory["peak_rss_mb"] - memory["baseline_rss_mb"])
+    assert memory["inflight_cap"] >= 32 and memory["bound_mb"] > 0
+    assert memory["within_bound"] == (memory["growth_mb"] <= memory["bound_mb"])
+    assert memory["error_verdicts"] == 0
+
+
+def _report(model: float, decode: float, broker: float, worker: float, naive: float) -> dict:
+    stage: dict[str, Any] = {"process_cpu_cores": 1.0}
+    return {
+        "started_at": "2026-11-23T00:00:00+00:00",
+        "machine": {
+            "cores": 2,
+            "torch_threads": 2,
+            "device": "cpu",
+            "dtype": "float32",
+            "loadavg_start": 0.5,
+            "loadavg_end": 0.6,
+            "kafka_crc32c": "c",
+        },
+        "config": {
+            "model": "clipguard-tiny",
+            "weights": "untrained",
+            "model_image_size": 64,
+            "batch_size": 32,
+            "max_batch_wait_ms": 20,
+            "mix": {"images": 4, "width": 128, "height": 128, "quality": 90, "mean_jpeg_bytes": 9},
+        },
+        "stages": {
+            "model": {**stage, "images_per_s": model, "batch_seconds_p50": 0.1, "batch_size": 32},
+            "decode": {
+                **stage,
+                "images_per_s": decode,
+                "images_per_s_per_core": decode / 2,
+                "cores": 2,
+                "ms_per_image": 1.0,
+            },
+            "broker": {**stage, "records_per_s": broker, "mean_record_bytes": 5000},
+        },
+        "worker": {**stage, "events_per_s": worker, "events": 100},
+        "naive": {**stage, "events_per_s": naive, "events": 10},
+        "latency": {"loads": [{"load": 0.5, "p50_ms": 50.0, "p99_ms": 300.0}]},
+    }
+
+
+def test_derive_names_the_slowest_stage_and_the_ratios() -> None:
+    report = derive(_report(model=20.0, decode=400.0, broker=100.0, worker=18.0, naive=6.0))
+    assert report["limit"]["stage"] == "model"
+    assert report["limit"]["events_per_s"] == 20.0
+    assert _close(report["limit"]["serial_events_per_s"], 1 / (1 / 20 + 1 / 400 + 1 / 100))
+    assert _close(report["efficiency"]["ratio"], 0.9) and report["efficiency"]["meets_target"]
+    assert _close(report["batching"]["gain"], 3.0)
+    assert _close(report["latency"]["bound_ms"], 220.0)
+    assert report["latency"]["p99_within_bound_at_50"] is False
+
+    report = derive(_report(model=900.0, decode=400.0, broker=100.0, worker=50.0, naive=25.0))
+    assert report["limit"]["stage"] == "broker"
+    assert _close(report["efficiency"]["ratio"], 0.5)
+    assert not report["efficiency"]["meets_target"]
+
+
+def test_table_skips_what_was_not_measured() -> None:
+    report = _report(model=20.0, decode=400.0, broker=100.0, worker=18.0, naive=6.0)
+    del report["naive"], report["latency"]
+    text = table(derive(report))
+    assert "MODEL is the bottleneck" in text
+    assert "latency: skipped" in text and "memory: skipped" in text
+    assert "batching gain" not in text
+
+
+def test_mix_and_helpers() -> None:
+    mix = zoo_mix(3, 33, quality=80)
+    assert (mix.width, mix.height, len(mix.jpegs)) == (34, 34, 3)
+    assert all(jpeg[:2] == b"\xff\xd8" for jpeg in mix.jpegs)
+    key, value = mix.events("x", 4)[3]
+    assert key == b"x-000003" and json.loads(value)["event_id"] == "x-000003"
+    assert parse_size("4000X3000") == (4000, 3000)
+    with pytest.raises(ValueError):
+        parse_size("4000")
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile(list(range(1, 101)), 0.99) == 99
