@@ -64,7 +64,11 @@ def _app(registry: CollectorRegistry, health: HealthState) -> Callable[..., Iter
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [b"ok\n" if ok else b"not ready\n"]
-        return metrics_app(environ, start_response)
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        # A misspelt probe path must fail, not pass with the metrics page.
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics, /livez or /readyz\n"]
 
     return app
 

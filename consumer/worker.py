@@ -144,6 +144,8 @@ class Worker(ConsumerRebalanceListener):
         self.on_outcome = on_outcome
         self.policy = build_policy(settings, engine)
         self.health = HealthState(settings.max_poll_interval_ms / 2000, clock)
+        # Computed at scrape time, so a stuck loop cannot keep reporting its last value.
+        self.metrics.ready.set_function(lambda: 1.0 if self.health.ready() else 0.0)
         self.judge = Judge(
             engine,
             self.policy,
@@ -226,7 +228,6 @@ class Worker(ConsumerRebalanceListener):
                 self._poll(decode_pool)
             self._drain()
         finally:
-            self.metrics.ready.set(0)
             self.health.model_ready = False
             self._inbox.put(_STOP)
             inference.join(timeout=self.settings.drain_timeout_s)
@@ -269,7 +270,6 @@ class Worker(ConsumerRebalanceListener):
             self._commit()
         self._apply_backpressure(inflight)
         self._update_lag(force=bool(polled))
-        self.metrics.ready.set(1 if self.health.ready() else 0)
 
     def _apply_backpressure(self, inflight: int) -> None:
         """Pause every assigned partition above the cap, resume at half: keep polling."""

@@ -54,6 +54,7 @@ def test_readyz_after_warm_up_and_metrics_pass_promtool(
     base = f"http://127.0.0.1:{server.port}"
     assert _status(base + "/livez") == 200
     assert _status(base + "/readyz") == 503  # no model warmed, no partitions yet
+    assert _status(base + "/healthz") == 404  # a misspelt probe fails instead of passing
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
