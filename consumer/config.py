@@ -5,6 +5,7 @@ Built once by the command, frozen, and passed down; nothing reads the environmen
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -39,6 +40,8 @@ def _must_exist(path: Path) -> Path:
 #: A checkpoint directory or ``.safetensors`` file that must exist when settings are built.
 CheckpointPath = Annotated[Path, AfterValidator(_must_exist)]
 
+log = logging.getLogger(__name__)
+
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -71,6 +74,7 @@ class ClipguardSettings(BaseSettings):
                 raise SettingsError([f"config file not found: {path}"])
             file_config = {**cls.model_config, "toml_file": path}
             settings_cls = type(cls.__name__, (cls,), {"model_config": file_config})
+        _warn_unknown_environment(cls)
         try:
             return settings_cls(**overrides)
         except ValidationError as exc:
@@ -78,6 +82,23 @@ class ClipguardSettings(BaseSettings):
         except ValueError as exc:  # a malformed TOML file, or an environment value
             where = f"config file {config_file}" if config_file else "CLIPGUARD_* environment"
             raise SettingsError([f"cannot read {where}: {exc}"]) from None
+
+
+#: CLIPGUARD_* variables read by tools rather than by a settings class.
+OTHER_VARIABLES = frozenset(
+    {"CLIPGUARD_TANSU_BIN", "CLIPGUARD_TEST_BROKER", "CLIPGUARD_TEST_KAFKA_IMAGE"}
+)
+
+
+def _warn_unknown_environment(settings_cls: type[BaseSettings]) -> None:
+    """A misspelt ``CLIPGUARD_*`` variable would be silently ignored: say so instead."""
+    known = {f"CLIPGUARD_{name.upper()}" for name in settings_cls.model_fields} | OTHER_VARIABLES
+    unknown = sorted(k for k in os.environ if k.startswith("CLIPGUARD_") and k not in known)
+    if unknown:
+        log.warning(
+            "ignoring environment variables that are not settings of this command: %s",
+            ", ".join(unknown),
+        )
 
 
 class SettingsError(Exception):

@@ -80,3 +80,13 @@ def test_secrets_are_masked(tiny_checkpoint: Path) -> None:
     )
     assert "hunter2" not in repr(settings)
     assert settings.client_kwargs()["sasl_plain_password"] == "hunter2"
+
+
+def test_misspelt_environment_variables_are_reported(
+    tiny_checkpoint: Path, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("CLIPGUARD_MAX_BATCH_SISE", "4")
+    with caplog.at_level("WARNING"):
+        settings = WorkerSettings.load(checkpoint=tiny_checkpoint, bootstrap_servers="k:1")
+    assert settings.max_batch_size == 32
+    assert "CLIPGUARD_MAX_BATCH_SISE" in caplog.text
