@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from clipguard.cli import bench, broker, demo, predict, produce, serve, train
+from clipguard.cli import eval as evaluate
 from clipguard.cli.common import (
     EXIT_DEAD_LETTER_BRAKE,
     EXIT_FAILURE,
@@ -22,7 +23,7 @@ from clipguard.detector.errors import ClipguardError
 
 log = logging.getLogger("clipguard")
 
-COMMANDS = (serve, demo, train, predict, broker, produce, bench)
+COMMANDS = (serve, demo, train, evaluate, predict, broker, produce, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,9 @@
-"""``clipguard train``: fine-tune a detector and save a checkpoint."""
+"""``clipguard train``: fine-tune, calibrate and evaluate a detector, save a checkpoint.
+
+Works alone or under ``torchrun --nproc_per_node N -m clipguard.cli train ...``
+(DistributedDataParallel; rank 0 prints and writes). Progress bars go to stderr, the final
+JSON report to stdout.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +11,80 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
-from clipguard.consumer.config import ClipguardSettings
+from clipguard.consumer.config import ClipguardSettings, SettingsError
 from clipguard.detector.backbones import TINY_BACKBONE, BackboneSpec
+from clipguard.training import distributed
 from clipguard.training.augment import AugmentConfig
-from clipguard.training.folders import read_image_folder
+from clipguard.training.folders import DatasetError, carve_splits
+from clipguard.training.layouts import LAYOUTS, read_dataset
 from clipguard.training.loop import TrainConfig
-from clipguard.training.recipes import SYNTHETIC_NOTICE, train_and_save, train_synthetic
+from clipguard.training.modes import MODES
+from clipguard.training.presets import PRESETS, preset_defaults
+from clipguard.training.recipes import (
+    SYNTHETIC_NOTICE,
+    TrainedCheckpoint,
+    synthetic_augment,
+    train_and_save,
+    train_synthetic,
+)
+from clipguard.training.state import state_dir_for
 
 log = logging.getLogger("clipguard.train")
+
+Layout = Literal["auto", "wang2020", "ufd", "genimage", "cifake", "imagefolder", "zoo", "manifest"]
+assert set(Layout.__args__) == set(LAYOUTS)  # type: ignore[attr-defined]
 
 
 class TrainSettings(ClipguardSettings):
     data: Path | None = None
     synthetic: bool = False
     out: Path
+    layout: Layout = "auto"
+    #: CNNDetection's training fakes are all ProGAN; name their generator class.
+    train_generator: str | None = None
+    preset: Literal["paper", "ufd"] | None = None
     backbone: str = TINY_BACKBONE
     pretrained: str | None = None
-    mode: Literal["full", "linear"] = "full"
+    mode: Literal["full", "linear", "lora", "last-n"] = "full"
     epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    #: Default: cosine for --synthetic, constant (the paper's Adam) for --data.
+    schedule: Literal["constant", "cosine"] | None = None
+    accumulate: int = Field(default=1, ge=1)
+    patience: int | None = Field(default=None, ge=1)
+    amp: bool = True
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    last_n: int = Field(default=2, ge=1)
+    preprocess: Literal["resize", "crop"] | None = None
+    flip_prob: float | None = Field(default=None, ge=0, le=1)
+    blur_prob: float | None = Field(default=None, ge=0, le=1)
+    jpeg_prob: float | None = Field(default=None, ge=0, le=1)
+    crop_prob: float | None = Field(default=None, ge=0, le=1)
+    target_fpr: float | None = Field(default=None, gt=0, lt=1)
+    resume: Path | None = None
+    val_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    test_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    feature_cache: Path | None = None
     seed: int = 0
     device: str = "auto"
+    num_workers: int = Field(default=0, ge=0)
+    progress: bool = True
     synthetic_images: int = Field(default=2000, ge=50)
+
+    @field_validator("data", "resume")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"not found: {value}")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainSettings:
@@ -45,12 +96,54 @@ class TrainSettings(ClipguardSettings):
         """From scratch learns fast; pretrained CLIP wants a small step (the paper's regime)."""
         if self.lr is not None:
             return self.lr
+        if self.mode == "linear":
+            return 1e-3
         return 1e-3 if self.pretrained is None else 1e-5
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.default_lr(),
+            weight_decay=self.weight_decay,
+            schedule=self.schedule or ("cosine" if self.synthetic else "constant"),
+            seed=self.seed,
+            device=self.device,
+            num_workers=self.num_workers,
+            progress=self.progress,
+            mode=self.mode,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            last_n=self.last_n,
+            accumulate=self.accumulate,
+            amp=self.amp,
+            patience=self.patience,
+            feature_cache=self.feature_cache,
+        )
+
+    def augment_config(self) -> AugmentConfig:
+        """CNNDetection's Blur+JPEG (0.1) with flips for real data; the zoo's own recipe."""
+        base = (
+            synthetic_augment() if self.synthetic else AugmentConfig(blur_prob=0.1, jpeg_prob=0.1)
+        )
+        given = {
+            "flip_prob": self.flip_prob,
+            "blur_prob": self.blur_prob,
+            "jpeg_prob": self.jpeg_prob,
+            "crop_prob": self.crop_prob,
+        }
+        return base.model_copy(update={k: v for k, v in given.items() if v is not None})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune a detector and save a checkpoint")
-    add_flag(parser, "--data", type=Path, help="ImageFolder root: <split>/<source>/<image>")
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a detector and save a checkpoint",
+        description="Train a detector (any mode), calibrate it on the validation split, "
+        "evaluate it through the serving engine and save a checkpoint. Under torchrun, "
+        "rank 0 writes and prints.",
+    )
+    add_flag(parser, "--data", type=Path, help="dataset folder or CSV/JSONL manifest")
     parser.add_argument(
         "--synthetic",
         action="store_const",
@@ -59,14 +152,64 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train on the built-in synthetic generator zoo",
     )
     add_flag(parser, "--out", type=Path, help="checkpoint directory (or .safetensors) to write")
+    add_flag(parser, "--layout", choices=LAYOUTS, help="dataset layout (default: detect)")
+    add_flag(
+        parser,
+        "--train-generator",
+        dest="train_generator",
+        help="wang2020: generator name of the training fakes (default progan)",
+    )
+    add_flag(parser, "--preset", choices=sorted(PRESETS), help="paper or ufd defaults")
     add_flag(parser, "--backbone", help=f"open_clip model name (default {TINY_BACKBONE})")
     add_flag(parser, "--pretrained", help="open_clip tag (downloads) or local weights file")
-    add_flag(parser, "--mode", help="full (all weights, the paper) or linear (frozen encoder)")
+    add_flag(parser, "--mode", choices=MODES, help="which weights train (default full)")
     add_flag(parser, "--epochs", type=int, help="default: 12 (the paper)")
-    add_flag(parser, "--batch-size", dest="batch_size", type=int)
-    add_flag(parser, "--lr", type=float, help="default: 1e-3 from scratch, 1e-5 pretrained")
+    add_flag(parser, "--batch-size", dest="batch_size", type=int, help="over all processes")
+    add_flag(parser, "--lr", type=float, help="default: 1e-3 from scratch/linear, 1e-5 pretrained")
+    add_flag(parser, "--weight-decay", dest="weight_decay", type=float)
+    add_flag(parser, "--schedule", choices=("constant", "cosine"))
+    add_flag(parser, "--accumulate", type=int, help="micro-batches per optimizer step")
+    add_flag(parser, "--patience", type=int, help="early stop after N epochs without better AP")
+    parser.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_const",
+        const=False,
+        default=None,
+        help="no mixed precision on CUDA",
+    )
+    add_flag(parser, "--lora-rank", dest="lora_rank", type=int, help="default 8")
+    add_flag(parser, "--lora-alpha", dest="lora_alpha", type=float, help="default 16")
+    add_flag(parser, "--last-n", dest="last_n", type=int, help="blocks trained in last-n mode")
+    add_flag(parser, "--preprocess", choices=("resize", "crop"), help="stored in the checkpoint")
+    parser.add_argument(
+        "--crop",
+        dest="preprocess",
+        action="store_const",
+        const="crop",
+        help="same as --preprocess crop (centre crop, no resize)",
+    )
+    add_flag(parser, "--flip-prob", dest="flip_prob", type=float)
+    add_flag(parser, "--blur-prob", dest="blur_prob", type=float, help="sigma in [0, 3]")
+    add_flag(parser, "--jpeg-prob", dest="jpeg_prob", type=float, help="quality in [30, 100]")
+    add_flag(parser, "--crop-prob", dest="crop_prob", type=float, help="random crop")
+    add_flag(
+        parser,
+        "--target-fpr",
+        dest="target_fpr",
+        type=float,
+        help="set the threshold for this false-positive rate on validation reals (e.g. 0.01)",
+    )
+    add_flag(parser, "--resume", type=Path, help="continue a run from its checkpoint/state")
+    add_flag(parser, "--val-fraction", dest="val_fraction", type=float)
+    add_flag(parser, "--test-fraction", dest="test_fraction", type=float)
+    add_flag(parser, "--feature-cache", dest="feature_cache", type=Path, help="linear mode")
     add_flag(parser, "--seed", type=int)
     add_flag(parser, "--device", help="auto, cpu, cuda")
+    add_flag(parser, "--num-workers", dest="num_workers", type=int, help="data loader workers")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, default=None
+    )
     add_flag(
         parser,
         "--synthetic-images",
@@ -78,52 +221,106 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = TrainSettings.load(args.config, **flag_values(args))
+def load_settings(args: argparse.Namespace) -> TrainSettings:
+    flags = flag_values(args)
+    settings = TrainSettings.load(args.config, **flags)
+    extra = preset_defaults(settings.preset, settings.model_fields_set)
+    if extra:
+        settings = TrainSettings.load(args.config, **{**extra, **flags})
+    return settings
+
+
+def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
     backbone = BackboneSpec(name=settings.backbone, pretrained=settings.pretrained)
-    config = TrainConfig(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.default_lr(),
-        seed=settings.seed,
-        device=settings.device,
-        train_encoder=settings.mode == "full",
-    )
+    config = settings.train_config()
+    state_dir = state_dir_for(settings.out)
     if settings.synthetic:
         log.info("training on the synthetic zoo: %s", SYNTHETIC_NOTICE)
-        trained = train_synthetic(
+        return train_synthetic(
             settings.out,
             backbone=backbone,
             n_train=settings.synthetic_images,
             seed=settings.seed,
             config=config,
+            augment=settings.augment_config(),
+            target_fpr=settings.target_fpr,
+            state_dir=state_dir,
+            resume=settings.resume,
         )
-    else:
-        assert settings.data is not None
-        dataset = read_image_folder(settings.data)
-        if dataset.skipped:
-            log.warning("skipped %d files that are not images", len(dataset.skipped))
-        trained = train_and_save(
-            out=settings.out,
-            backbone=backbone,
-            classes=dataset.classes,
-            train_items=dataset.splits.get("train", []),
-            val_items=dataset.splits.get("val", []),
-            test_items=dataset.splits.get("test", []),
-            config=config,
-            augment=AugmentConfig(),
-            extra_training_info={"data": str(settings.data), "mode": settings.mode},
+    assert settings.data is not None
+    try:
+        dataset = read_dataset(
+            settings.data, settings.layout, train_generator=settings.train_generator
         )
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(trained.path),
-                "version": trained.manifest.version,
-                "best_epoch": trained.result.best_epoch,
-                "seconds": round(trained.seconds, 1),
-                "metrics": trained.manifest.metrics,
-            },
-            indent=2,
+        carve_splits(
+            dataset,
+            val_fraction=settings.val_fraction,
+            test_fraction=settings.test_fraction,
+            seed=settings.seed,
         )
+    except DatasetError as exc:
+        raise SettingsError([f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]) from None
+    if dataset.skipped:
+        log.warning("skipped %d files that are not images or not readable", len(dataset.skipped))
+    for note in dataset.notes:
+        log.info("%s", note)
+    log.info("dataset %s", json.dumps(dataset.summary()))
+    return train_and_save(
+        out=settings.out,
+        backbone=backbone,
+        classes=dataset.classes,
+        train_items=dataset.splits.get("train", []),
+        val_items=dataset.splits.get("val", []),
+        test_items=dataset.splits.get("test", []),
+        config=config,
+        augment=settings.augment_config(),
+        preprocess_policy=settings.preprocess,
+        extra_training_info={
+            "data": str(settings.data),
+            "dataset": dataset.summary(),
+            "preset": settings.preset,
+        },
+        target_fpr=settings.target_fpr,
+        state_dir=state_dir,
+        resume=settings.resume,
     )
+
+
+def report(trained: TrainedCheckpoint) -> dict[str, Any]:
+    manifest = trained.manifest
+    result = trained.result
+    return {
+        "checkpoint": str(trained.path),
+        "version": manifest.version,
+        "mode": manifest.training.get("mode"),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "world_size": result.world_size,
+        "seconds": round(trained.seconds, 1),
+        "seconds_per_epoch": (
+            round(result.seconds_per_epoch, 3) if result.seconds_per_epoch else None
+        ),
+        "feature_seconds": (
+            round(result.feature_seconds, 2) if result.feature_seconds is not None else None
+        ),
+        "trainable_parameters": result.trainable.get("trainable_parameters"),
+        "calibration": manifest.calibration.model_dump(),
+        "policy": manifest.policy.model_dump(),
+        "metrics": manifest.metrics,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    info = distributed.env_info()
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        trained = _train(settings)
+    finally:
+        distributed.shutdown()
+    if trained is not None:
+        print(json.dumps(report(trained), indent=2, default=str))
     return EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,19 +13,35 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipguard.detector.decode import decode_image
+from clipguard.detector.errors import ImageError
 from clipguard.detector.preprocess import PreprocessConfig, preprocess
 from clipguard.training.augment import NO_AUGMENT, AugmentConfig, augment
 
+log = logging.getLogger(__name__)
+
+#: Source index of a generated image whose generator is not known: binary loss only.
 UNKNOWN_SOURCE = -1
+
+#: What a corrupt or unreadable file raises while loading: skipped and counted, never fatal.
+LOAD_ERRORS = (ImageError, OSError, ValueError)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 @dataclass(frozen=True)
 class LabelledImage:
-    """An image (in memory or on disk) with its source; ``source`` 0 means real."""
+    """An image (in memory or on disk) with its source.
+
+    ``source`` is a class index: 0 is real, ``UNKNOWN_SOURCE`` a generated image of unknown
+    origin. ``group`` names the benchmark subset the image belongs to (a test generator of
+    CNNDetection or GenImage, whose reals are paired with its fakes), used for per-generator
+    metrics.
+    """
 
     source: int
     image: Image.Image | None = None
     path: Path | None = None
+    group: str | None = None
 
     @property
     def is_fake(self) -> bool:
@@ -37,9 +54,24 @@ class LabelledImage:
         # The serving decoder, so training sees exactly what the worker will see.
         return decode_image(self.path.read_bytes())
 
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else f"<in-memory image {id(self):x}>"
+
+
+def load_or_none(item: LabelledImage, loader: Callable[[LabelledImage], Image.Image]):
+    try:
+        return loader(item)
+    except LOAD_ERRORS as exc:
+        log.debug("skipping %s: %s", item.describe(), exc)
+        return None
+
 
 class DetectorDataset(Dataset):
-    """(pixels, is_fake, source) triples; augmentation seeded per (epoch, index)."""
+    """(pixels, is_fake, source, ok) per item; augmentation seeded per (seed, epoch, index).
+
+    A file that cannot be decoded yields ``ok=False`` (zero pixels) instead of an exception;
+    :func:`collate_valid` drops it and counts it, so one corrupt file never stops a run.
+    """
 
     def __init__(
         self,
@@ -48,6 +80,7 @@ class DetectorDataset(Dataset):
         augment_cfg: AugmentConfig = NO_AUGMENT,
         seed: int = 0,
         loader: Callable[[LabelledImage], Image.Image] | None = None,
+        transform: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         self.items = list(items)
         self.preprocess_cfg = preprocess_cfg
@@ -55,6 +88,7 @@ class DetectorDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.loader = loader or LabelledImage.load
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
@@ -62,12 +96,31 @@ class DetectorDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         item = self.items[index]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
-        image = augment(self.loader(item), rng, self.augment_cfg)
-        return (
-            preprocess(image, self.preprocess_cfg),
-            torch.tensor(float(item.is_fake)),
-            torch.tensor(item.source, dtype=torch.long),
-        )
+        is_fake = torch.tensor(float(item.is_fake))
+        source = torch.tensor(item.source, dtype=torch.long)
+        image = load_or_none(item, self.loader)
+        if image is None:
+            size = self.preprocess_cfg.image_size
+            return torch.zeros(3, size, size), is_fake, source, False
+        if self.transform is not None:
+            image = self.transform(image)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        image = augment(image, rng, self.augment_cfg, self.preprocess_cfg)
+        return preprocess(image, self.preprocess_cfg), is_fake, source, True
+
+
+def collate_valid(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
+) -> Batch:
+    """Stack the decodable samples; the last element counts the dropped ones."""
+    good = [s for s in samples if s[3]]
+    if not good:
+        size = samples[0][0].shape[-1] if samples else 1
+        empty = torch.empty(0)
+        return torch.empty(0, 3, size, size), empty, empty.long(), len(samples)
+    pixels = torch.stack([s[0] for s in good])
+    is_fake = torch.stack([s[1] for s in good])
+    source = torch.stack([s[2] for s in good])
+    return pixels, is_fake, source, len(samples) - len(good)

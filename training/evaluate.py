@@ -1,72 +1,230 @@
-"""Evaluation through the serving engine, so reported numbers are what the worker delivers."""
+"""Evaluation through the serving engine, so reported numbers are what the worker delivers.
+
+Images are decoded by the serving decoder, preprocessed by the checkpoint's own
+preprocessing and scored by :class:`~clipguard.detector.engine.InferenceEngine`; only then
+are metrics computed: accuracy at the stored threshold, AP and ROC-AUC, real and fake
+accuracy separately, the same per generator, and source attribution with its confusion
+matrix.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from clipguard.detector.engine import InferenceEngine
 from clipguard.detector.preprocess import preprocess
-from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage
+from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage, load_or_none
+from clipguard.training.metrics import average_precision, confusion_matrix, roc_auc
+
+Transform = Callable[[Image.Image], Image.Image]
 
 
-def engine_scores(
-    engine: InferenceEngine, items: Sequence[LabelledImage], batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibrated AI scores and source probabilities for every item, in order."""
+@dataclass
+class Scored:
+    """Engine outputs for the decodable items, aligned with ``items``."""
+
+    items: list[LabelledImage]
+    ai_scores: torch.Tensor  # (N,) calibrated P(AI)
+    source_probs: torch.Tensor  # (N, C)
+    skipped: int = 0
+
+    @property
+    def is_fake(self) -> np.ndarray:
+        return np.asarray([item.is_fake for item in self.items], dtype=bool)
+
+    @property
+    def sources(self) -> np.ndarray:
+        return np.asarray([item.source for item in self.items], dtype=np.int64)
+
+
+def _pixels(
+    items: Sequence[LabelledImage], engine: InferenceEngine, transform: Transform | None
+) -> tuple[list[LabelledImage], list[torch.Tensor]]:
+    kept, tensors = [], []
+    for item in items:
+        image = load_or_none(item, LabelledImage.load)
+        if image is None:
+            continue
+        if transform is not None:
+            image = transform(image)
+        kept.append(item)
+        tensors.append(preprocess(image, engine.manifest.preprocess))
+    return kept, tensors
+
+
+def score_items(
+    engine: InferenceEngine,
+    items: Sequence[LabelledImage],
+    *,
+    batch_size: int = 64,
+    transform: Transform | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> Scored:
+    """Decode, (perturb), preprocess and score every item; undecodable ones are counted."""
+    kept: list[LabelledImage] = []
     ai_parts, source_parts = [], []
-    cfg = engine.manifest.preprocess
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        pixels = torch.stack([preprocess(item.load(), cfg) for item in chunk])
-        ai, sources = engine.scores(pixels)
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, file=sys.stderr):
+        chunk_items, tensors = _pixels(items[start : start + batch_size], engine, transform)
+        if not tensors:
+            continue
+        ai, sources = engine.scores(torch.stack(tensors))
+        kept += chunk_items
         ai_parts.append(ai)
         source_parts.append(sources)
     if not ai_parts:
-        return torch.empty(0), torch.empty(0, len(engine.classes))
-    return torch.cat(ai_parts), torch.cat(source_parts)
+        return Scored([], torch.empty(0), torch.empty(0, len(engine.classes)), len(items))
+    return Scored(kept, torch.cat(ai_parts), torch.cat(source_parts), len(items) - len(kept))
 
 
-def summarize(
-    ai_scores: torch.Tensor,
-    source_probs: torch.Tensor,
-    items: Sequence[LabelledImage],
-    classes: Sequence[str],
-    threshold: float,
-) -> dict[str, Any]:
-    """Accuracy at the stored threshold, per class of truth, and source attribution."""
-    truth = torch.tensor([item.is_fake for item in items], dtype=torch.bool)
-    sources = torch.tensor([item.source for item in items], dtype=torch.long)
-    predicted = ai_scores >= threshold
-    real, fake = ~truth, truth
-    # Attribution among generators only: "which generator", given it is generated.
-    generator_pick = source_probs[:, 1:].argmax(-1) + 1 if source_probs.shape[1] > 1 else None
-    known_fake = fake & (sources != UNKNOWN_SOURCE)
-    per_source: dict[str, dict[str, float | int]] = {}
-    for index, name in enumerate(classes):
-        mask = sources == index
-        if mask.any():
-            per_source[name] = {
-                "n": int(mask.sum()),
-                "accuracy": float((predicted[mask] == truth[mask]).float().mean()),
-            }
+@torch.inference_mode()
+def engine_logits(
+    engine: InferenceEngine, items: Sequence[LabelledImage], batch_size: int = 64
+) -> tuple[torch.Tensor, list[LabelledImage]]:
+    """Raw binary logits of the engine's model, chunked as the engine chunks (calibration)."""
+    logits, kept = [], []
+    step = engine.config.max_batch_size
+    for start in range(0, len(items), batch_size):
+        chunk_items, tensors = _pixels(items[start : start + batch_size], engine, None)
+        if not tensors:
+            continue
+        pixels = torch.stack(tensors)
+        for offset in range(0, len(pixels), step):
+            chunk = pixels[offset : offset + step].to(engine.device)
+            if engine.config.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            logits.append(engine.model(chunk).binary_logit.float().cpu())
+        kept += chunk_items
+    return (torch.cat(logits) if logits else torch.empty(0)), kept
+
+
+def _rate(mask: np.ndarray) -> float | None:
+    return float(mask.mean()) if mask.size else None
+
+
+def binary_metrics(is_fake: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    predicted = scores >= threshold
     return {
-        "n": len(items),
-        "threshold": threshold,
-        "accuracy": float((predicted == truth).float().mean()) if len(items) else 0.0,
-        "real_accuracy": float((~predicted[real]).float().mean()) if real.any() else None,
-        "fake_accuracy": float(predicted[fake].float().mean()) if fake.any() else None,
-        "source_accuracy": (
-            float((generator_pick[known_fake] == sources[known_fake]).float().mean())
-            if generator_pick is not None and known_fake.any()
-            else None
-        ),
-        "per_source": per_source,
+        "n": int(is_fake.size),
+        "n_real": int((~is_fake).sum()),
+        "n_fake": int(is_fake.sum()),
+        "accuracy": _rate(predicted == is_fake),
+        "real_accuracy": _rate(~predicted[~is_fake]),
+        "fake_accuracy": _rate(predicted[is_fake]),
+        "ap": average_precision(is_fake, scores),
+        "auc": roc_auc(is_fake, scores),
     }
 
 
-def evaluate(engine: InferenceEngine, items: Sequence[LabelledImage]) -> dict[str, Any]:
-    ai_scores, source_probs = engine_scores(engine, items)
-    return summarize(ai_scores, source_probs, items, engine.classes, engine.threshold)
+def _generator_pick(source_probs: torch.Tensor) -> np.ndarray:
+    """Attribution among generators only: "which generator", given it is generated."""
+    if source_probs.shape[1] < 2:
+        return np.zeros(source_probs.shape[0], dtype=np.int64)
+    return (source_probs[:, 1:].argmax(-1) + 1).numpy()
+
+
+def _attribution(picks: np.ndarray, sources: np.ndarray, fake: np.ndarray) -> float | None:
+    known = fake & (sources != UNKNOWN_SOURCE)
+    return float((picks[known] == sources[known]).mean()) if known.any() else None
+
+
+def group_of(item: LabelledImage, classes: Sequence[str]) -> str | None:
+    if item.group is not None:
+        return item.group
+    if item.is_fake and 0 < item.source < len(classes):
+        return classes[item.source]
+    return None
+
+
+def per_generator(
+    scored: Scored, classes: Sequence[str], threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Each generator's fakes against its paired reals (same group), else all reals."""
+    fake, sources = scored.is_fake, scored.sources
+    scores = scored.ai_scores.numpy()
+    picks = _generator_pick(scored.source_probs)
+    groups = np.asarray([group_of(item, classes) for item in scored.items], dtype=object)
+    pooled_reals = ~fake & (groups == None)  # noqa: E711 - elementwise on an object array
+    result: dict[str, dict[str, Any]] = {}
+    for name in sorted({g for g, f in zip(groups, fake, strict=True) if f and g is not None}):
+        fakes = fake & (groups == name)
+        reals = ~fake & (groups == name)
+        if not reals.any():
+            reals = pooled_reals if pooled_reals.any() else ~fake
+        mask = fakes | reals
+        metrics = binary_metrics(fake[mask], scores[mask], threshold)
+        metrics["source_accuracy"] = _attribution(picks[fakes], sources[fakes], fake[fakes])
+        result[name] = metrics
+    return result
+
+
+def summarize(scored: Scored, classes: Sequence[str], threshold: float) -> dict[str, Any]:
+    """Every metric of one scored set (JSON-ready)."""
+    fake, sources = scored.is_fake, scored.sources
+    scores = scored.ai_scores.numpy()
+    report = binary_metrics(fake, scores, threshold)
+    report["threshold"] = threshold
+    report["skipped_images"] = scored.skipped
+    report["source_accuracy"] = _attribution(_generator_pick(scored.source_probs), sources, fake)
+    known = sources != UNKNOWN_SOURCE
+    predicted = scored.source_probs.argmax(-1).numpy()
+    report["per_source"] = {
+        name: {
+            "n": int((sources == index).sum()),
+            "accuracy": _rate((scores[sources == index] >= threshold) == fake[sources == index]),
+        }
+        for index, name in enumerate(classes)
+        if (sources == index).any()
+    }
+    report["per_generator"] = per_generator(scored, classes, threshold)
+    report["source_confusion"] = {
+        "classes": list(classes),
+        "rows": "true source",
+        "columns": "predicted source (argmax over all classes)",
+        "matrix": confusion_matrix(sources[known], predicted[known], len(classes)).tolist(),
+        "accuracy": _rate(predicted[known] == sources[known]),
+    }
+    return report
+
+
+def remap_sources(
+    items: Sequence[LabelledImage], from_classes: Sequence[str], to_classes: Sequence[str]
+) -> list[LabelledImage]:
+    """Re-index a dataset's items onto a checkpoint's classes, by name.
+
+    A generator the checkpoint does not know keeps its name as the group (it still counts
+    per generator) but has an unknown source for attribution.
+    """
+    if list(from_classes) == list(to_classes):
+        return list(items)
+    out = []
+    for item in items:
+        source = item.source
+        if source > 0:
+            name = from_classes[source]
+            source = to_classes.index(name) if name in to_classes else UNKNOWN_SOURCE
+            group = item.group or name
+        else:
+            group = item.group
+        out.append(LabelledImage(source=source, image=item.image, path=item.path, group=group))
+    return out
+
+
+def evaluate(
+    engine: InferenceEngine,
+    items: Sequence[LabelledImage],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, Any]:
+    scored = score_items(engine, items, batch_size=batch_size, progress=progress)
+    return summarize(scored, engine.classes, engine.threshold)

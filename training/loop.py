@@ -1,23 +1,51 @@
-"""The fine-tuning loop: Adam over encoder and both heads (arXiv 2404.08788), CPU or GPU."""
+"""The fine-tuning loop: Adam over the trainable weights and both heads (arXiv 2404.08788).
+
+One loop for every mode. ``full``, ``lora`` and ``last-n`` feed pixels through the model
+(DistributedDataParallel under torchrun, AMP on CUDA, gradient accumulation); ``linear``
+feeds features cached once from the frozen encoder straight into the heads. Every epoch is
+scored on the validation set by average precision (ties broken by accuracy): the best epoch's
+weights are kept, ``patience`` epochs without a better one stop the run early, and the state
+needed to resume is written after each epoch.
+"""
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import random
 import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from clipguard.detector.heads import Detector
-from clipguard.training.data import UNKNOWN_SOURCE, DetectorDataset
+from clipguard.detector.errors import CheckpointError
+from clipguard.detector.heads import Detector, DetectorOutput
+from clipguard.training import distributed, features, modes
+from clipguard.training.data import UNKNOWN_SOURCE, DetectorDataset, collate_valid
+from clipguard.training.distributed import DistInfo
+from clipguard.training.metrics import average_precision
+from clipguard.training.modes import Mode
+from clipguard.training.state import (
+    TrainState,
+    frozen_fingerprint,
+    load_state,
+    save_state,
+    trainable_state,
+)
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -26,6 +54,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     epochs: int = Field(default=12, ge=1)
+    #: Images per optimizer step before accumulation, over all torchrun processes together.
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -36,8 +65,18 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     num_workers: int = Field(default=0, ge=0)
     progress: bool = True
-    #: False freezes the encoder: a linear probe on CLIP features (UniversalFakeDetect).
-    train_encoder: bool = True
+    mode: Mode = "full"
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    last_n: int = Field(default=2, ge=1)
+    #: Micro-batches per optimizer step (effective batch = batch_size x accumulate).
+    accumulate: int = Field(default=1, ge=1)
+    #: Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+    amp: bool = True
+    #: Stop after this many epochs without a better validation AP; None trains every epoch.
+    patience: int | None = Field(default=None, ge=1)
+    #: Linear mode: keep cached features here (safetensors) across runs.
+    feature_cache: Path | None = None
 
 
 @dataclass
@@ -45,29 +84,51 @@ class EpochStats:
     epoch: int
     loss: float
     train_accuracy: float
+    seconds: float = 0.0
+    lr: float = 0.0
+    val_loss: float | None = None
+    val_ap: float | None = None
     val_accuracy: float | None = None
     val_source_accuracy: float | None = None
+    skipped_images: int = 0
 
 
 @dataclass
 class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
     best_epoch: int = 0
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+    feature_seconds: float | None = None
+    world_size: int = 1
+    trainable: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True
 
     def as_dict(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "history": [vars(s) for s in self.history]}
+        return {
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "feature_seconds": self.feature_seconds,
+            "world_size": self.world_size,
+            **self.trainable,
+            "history": [vars(s) for s in self.history],
+        }
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        timed = [s.seconds for s in self.history if s.seconds > 0]
+        return sum(timed) / len(timed) if timed else None
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    return distributed.device_for(requested, distributed.SINGLE)
 
 
 def detector_loss(
@@ -78,30 +139,368 @@ def detector_loss(
     source_weight: float,
 ) -> torch.Tensor:
     """Binary BCE plus source cross-entropy, the latter only where the source is known."""
-    loss = nn.functional.binary_cross_entropy_with_logits(binary_logit, is_fake)
+    loss = nn.functional.binary_cross_entropy_with_logits(binary_logit.float(), is_fake)
     if source_weight > 0 and bool((source != UNKNOWN_SOURCE).any()):
         loss = loss + source_weight * nn.functional.cross_entropy(
-            source_logits, source, ignore_index=UNKNOWN_SOURCE
+            source_logits.float(), source, ignore_index=UNKNOWN_SOURCE
         )
     return loss
 
 
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return config.lr
+
+
+# ----------------------------------------------------------------------------- feeds
+
+
+@dataclass
+class ValOutputs:
+    binary_logit: torch.Tensor
+    source_logits: torch.Tensor
+    is_fake: torch.Tensor
+    source: torch.Tensor
+
+
+@dataclass
+class Feed:
+    """Where the loop's batches come from and how they reach the model."""
+
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]]
+    batches_per_epoch: int
+    forward: Callable[[torch.Tensor], DetectorOutput]
+    validate: Callable[[], ValOutputs | None]
+    #: True when every rank sees its own shard (stats are summed over ranks).
+    sharded: bool
+    ddp: DistributedDataParallel | None = None
+    feature_seconds: float | None = None
+
+
 @torch.inference_mode()
-def quick_accuracy(
-    detector: Detector, dataset: DetectorDataset, batch_size: int, device: torch.device
-) -> tuple[float, float]:
-    """Binary and source accuracy at logit 0 (uncalibrated): for model selection only."""
-    detector.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    binary_hits = source_hits = source_total = total = 0
-    for pixels, is_fake, source in loader:
-        out = detector(pixels.to(device))
-        binary_hits += int(((out.binary_logit.cpu() > 0).float() == is_fake).sum())
-        known = source != UNKNOWN_SOURCE
-        source_hits += int((out.source_logits.cpu().argmax(-1)[known] == source[known]).sum())
-        source_total += int(known.sum())
-        total += len(is_fake)
-    return binary_hits / max(1, total), source_hits / max(1, source_total)
+def _outputs(
+    detector: Detector, dataset: DetectorDataset | Subset, batch_size: int, device: torch.device
+) -> ValOutputs:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_valid)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for pixels, is_fake, source, _bad in loader:
+        if len(pixels):
+            out = detector(pixels.to(device))
+            parts.append(
+                (out.binary_logit.float().cpu(), out.source_logits.float().cpu(), is_fake, source)
+            )
+    if not parts:
+        n = detector.source_head.out_features
+        return ValOutputs(torch.empty(0), torch.empty(0, n), torch.empty(0), torch.empty(0).long())
+    return ValOutputs(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+def _gather_outputs(info: DistInfo, part: ValOutputs) -> ValOutputs:
+    parts = distributed.gather_objects(info, part)
+    return ValOutputs(
+        torch.cat([p.binary_logit for p in parts]),
+        torch.cat([p.source_logits for p in parts]),
+        torch.cat([p.is_fake for p in parts]),
+        torch.cat([p.source for p in parts]),
+    )
+
+
+def _pixel_feed(
+    detector: Detector,
+    train_set: DetectorDataset,
+    val_set: DetectorDataset | None,
+    config: TrainConfig,
+    device: torch.device,
+    info: DistInfo,
+) -> Feed:
+    per_rank = max(1, config.batch_size // info.world_size)
+    if config.batch_size % info.world_size:
+        log.warning(
+            "batch size %d is not a multiple of %d processes: %d per process",
+            config.batch_size,
+            info.world_size,
+            per_rank,
+        )
+    sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate_valid,
+        drop_last=len(sampler) > per_rank,
+    )
+    ddp = None
+    if info.enabled:
+        ddp = DistributedDataParallel(
+            detector, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def batches(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        return loader
+
+    def validate() -> ValOutputs | None:
+        if val_set is None or not len(val_set):
+            return None
+        shard = Subset(val_set, list(range(info.rank, len(val_set), info.world_size)))
+        detector.eval()
+        return _gather_outputs(info, _outputs(detector, shard, per_rank * 2, device))
+
+    return Feed(
+        batches=batches,
+        batches_per_epoch=len(loader),
+        forward=ddp if ddp is not None else detector,
+        validate=validate,
+        sharded=True,
+        ddp=ddp,
+    )
+
+
+def _linear_feed(
+    detector: Detector,
+    train_set: DetectorDataset,
+    val_set: DetectorDataset | None,
+    config: TrainConfig,
+    device: torch.device,
+    info: DistInfo,
+) -> Feed:
+    """Encode once (a fixed augmented copy of the training set), then train heads on it."""
+    common = {
+        "batch_size": max(8, config.batch_size),
+        "device": device,
+        "info": info,
+        "cache_dir": config.feature_cache,
+        "progress": config.progress,
+    }
+    train_set.set_epoch(0)
+    train = features.extract(detector, train_set, desc="encoding train", **common)
+    val = (
+        features.extract(detector, val_set, desc="encoding val", **common)
+        if val_set is not None and len(val_set)
+        else None
+    )
+    seconds = train.seconds + (val.seconds if val is not None else 0.0)
+    if info.is_main:
+        log.info(
+            "linear mode: %d train and %d val features cached in %.1fs (%d undecodable)",
+            len(train),
+            len(val) if val is not None else 0,
+            seconds,
+            train.dropped + (val.dropped if val is not None else 0),
+        )
+    on_device = train.features.to(device)
+    n = len(train)
+    size = config.batch_size
+    full_batches = n // size if n > size else 1
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator)
+        for b in range(full_batches):
+            index = order[b * size : (b + 1) * size]
+            yield on_device[index], train.is_fake[index], train.source[index], 0
+
+    def validate() -> ValOutputs | None:
+        if val is None:
+            return None
+        with torch.inference_mode():
+            out = detector.classify(val.features.to(device))
+        return ValOutputs(
+            out.binary_logit.float().cpu(), out.source_logits.float().cpu(), val.is_fake, val.source
+        )
+
+    return Feed(
+        batches=batches,
+        batches_per_epoch=full_batches,
+        forward=detector.classify,
+        validate=validate,
+        sharded=False,
+        feature_seconds=seconds,
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def val_metrics(out: ValOutputs, source_weight: float) -> dict[str, float | None]:
+    if not len(out.is_fake):
+        return {"val_loss": None, "val_ap": None, "val_accuracy": None, "val_source_accuracy": None}
+    loss = detector_loss(
+        out.binary_logit, out.source_logits, out.is_fake, out.source, source_weight
+    )
+    known = out.source != UNKNOWN_SOURCE
+    picked = out.source_logits.argmax(-1)
+    return {
+        "val_loss": float(loss),
+        "val_ap": average_precision(out.is_fake.numpy(), out.binary_logit.numpy()),
+        "val_accuracy": float(((out.binary_logit > 0).float() == out.is_fake).float().mean()),
+        "val_source_accuracy": (
+            float((picked[known] == out.source[known]).float().mean()) if known.any() else None
+        ),
+    }
+
+
+def selection_key(stats: EpochStats) -> tuple[float, float]:
+    """Higher is better: validation AP first, accuracy to break (saturated) ties."""
+    ap = stats.val_ap if stats.val_ap is not None else -1.0
+    acc = stats.val_accuracy if stats.val_accuracy is not None else -1.0
+    return (round(ap, 4), round(acc, 4))
+
+
+def describe(stats: EpochStats, epochs: int) -> str:
+    text = (
+        f"epoch {stats.epoch}/{epochs}: loss {stats.loss:.4f}, train acc {stats.train_accuracy:.3f}"
+    )
+    if stats.val_accuracy is not None:
+        text += f", val AP {stats.val_ap if stats.val_ap is not None else float('nan'):.4f}"
+        text += f", val acc {stats.val_accuracy:.3f}"
+        if stats.val_source_accuracy is not None:
+            text += f", val source acc {stats.val_source_accuracy:.3f}"
+    text += f" ({stats.seconds:.1f}s"
+    if stats.skipped_images:
+        text += f", {stats.skipped_images} undecodable images skipped"
+    return text + ")"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _autocast(device: torch.device, config: TrainConfig) -> tuple[Any, Any]:
+    """(autocast context factory, grad scaler or None): AMP on CUDA only."""
+    if device.type != "cuda" or not config.amp:
+        return nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+
+
+@dataclass
+class _Run:
+    """Mutable progress of one fit, saved after each epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    best_key: tuple[float, float] | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _restore(
+    detector: Detector,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    expected: dict[str, Any],
+) -> _Run:
+    for key, value in expected.items():
+        stored = state.info.get(key)
+        if stored is not None and stored != value:
+            raise CheckpointError(
+                f"cannot resume: the saved run has {key}={stored!r}, this one {value!r}"
+            )
+    params = dict(detector.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(state.model) != trainable:
+        raise CheckpointError(
+            "cannot resume: the saved trainable weights do not match this model "
+            f"({len(state.model)} saved, {len(trainable)} here)"
+        )
+    with torch.no_grad():
+        for name, tensor in state.model.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state.optimizer)
+    history = [EpochStats(**h) for h in state.info.get("history", [])]
+    best_key = state.info.get("best_key")
+    return _Run(
+        epoch=state.epoch,
+        step=state.step,
+        best_key=tuple(best_key) if best_key else None,
+        best_epoch=int(state.info.get("best_epoch", 0)),
+        bad_epochs=int(state.info.get("bad_epochs", 0)),
+        history=history,
+        best=state.best or trainable_state(detector),
+    )
+
+
+def _train_epoch(
+    detector: Detector,
+    feed: Feed,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    run: _Run,
+    total_steps: int,
+    device: torch.device,
+    info: DistInfo,
+) -> EpochStats:
+    autocast, scaler = _autocast(device, config)
+    detector.train()
+    if config.mode == "linear":
+        detector.encoder.eval()
+    started = time.perf_counter()
+    total_loss = hits = seen = skipped = 0.0
+    n_batches = feed.batches_per_epoch
+    bar = tqdm(
+        feed.batches(run.epoch),
+        total=n_batches,
+        desc=f"epoch {run.epoch + 1}/{config.epochs}",
+        disable=not (config.progress and info.is_main),
+        leave=False,
+        unit="batch",
+        file=sys.stderr,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    for index, (inputs, is_fake, source, bad) in enumerate(bar):
+        skipped += bad
+        weight = 1.0
+        if len(inputs) == 0:  # every image of this batch was undecodable: keep DDP in step
+            inputs = torch.zeros((1, *inputs.shape[1:]))
+            is_fake, source, weight = torch.zeros(1), torch.full((1,), UNKNOWN_SOURCE), 0.0
+        inputs, is_fake, source = inputs.to(device), is_fake.to(device), source.to(device)
+        last_micro = (index + 1) % config.accumulate == 0 or index + 1 == n_batches
+        sync: AbstractContextManager[Any] = (
+            feed.ddp.no_sync() if feed.ddp is not None and not last_micro else nullcontext()
+        )
+        with sync:
+            with autocast():
+                out = feed.forward(inputs)
+                loss = detector_loss(
+                    out.binary_logit, out.source_logits, is_fake, source, config.source_loss_weight
+                )
+            scaled = loss * (weight / config.accumulate)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if last_micro:
+            lr = lr_at(config, run.step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+        if weight:
+            n = len(is_fake)
+            total_loss += float(loss.detach()) * n
+            hits += float(((out.binary_logit.detach() > 0).float() == is_fake).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{hits / seen:.3f}")
+    if feed.sharded:
+        total_loss, hits, seen, skipped = distributed.all_sum(info, total_loss, hits, seen, skipped)
+    return EpochStats(
+        epoch=run.epoch + 1,
+        loss=total_loss / max(1.0, seen),
+        train_accuracy=hits / max(1.0, seen),
+        seconds=time.perf_counter() - started,
+        lr=lr_at(config, run.step, total_steps),
+        skipped_images=int(skipped),
+    )
 
 
 def fit(
@@ -109,81 +508,107 @@ def fit(
     train_set: DetectorDataset,
     val_set: DetectorDataset | None,
     config: TrainConfig,
+    *,
+    state_dir: Path | None = None,
+    resume: Path | None = None,
+    state_info: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train in place; the detector ends holding the weights of its best validation epoch."""
+    """Train in place; the detector ends holding its best validation epoch's weights (CPU).
+
+    ``state_dir``: write resumable state there after each epoch (rank 0). ``resume``: a
+    state folder (or the checkpoint beside it) to continue from its last completed epoch.
+    ``state_info``: facts the saved state must agree with to be resumed (classes, ...).
+    """
+    device = distributed.device_for(config.device, distributed.env_info())
+    info = distributed.init(device)
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    modes.prepare(
+        detector,
+        config.mode,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        last_n=config.last_n,
+    )
     detector.to(device)
-    detector.encoder.requires_grad_(config.train_encoder)
+    expected = {"mode": config.mode, **(state_info or {})}
+    if state_dir is not None or resume is not None:
+        expected["frozen_sha256"] = frozen_fingerprint(detector)
     optimizer = torch.optim.Adam(
         [p for p in detector.parameters() if p.requires_grad],
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=config.num_workers,
-        drop_last=len(train_set) > config.batch_size,
+    result = TrainResult(
+        world_size=info.world_size,
+        trainable=modes.trainable_summary(detector),
+        is_main=info.is_main,
     )
-    total_steps = max(1, config.epochs * len(loader))
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        if config.schedule == "cosine"
-        else None
+    run = _Run()
+    if resume is not None:
+        run = _restore(detector, optimizer, load_state(resume), expected)
+        result.resumed_from_epoch = run.epoch
+        if info.is_main:
+            log.info("resuming after epoch %d (best so far: epoch %d)", run.epoch, run.best_epoch)
+    feed = (_linear_feed if config.mode == "linear" else _pixel_feed)(
+        detector, train_set, val_set, config, device, info
     )
-    result = TrainResult()
-    best_score, best_state = -math.inf, None
-    for epoch in range(config.epochs):
-        train_set.set_epoch(epoch)
-        detector.train()
-        total_loss = hits = seen = 0.0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
-            leave=False,
-            unit="batch",
+    result.feature_seconds = feed.feature_seconds
+    steps_per_epoch = max(1, math.ceil(feed.batches_per_epoch / config.accumulate))
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    while run.epoch < config.epochs:
+        stats = _train_epoch(detector, feed, optimizer, config, run, total_steps, device, info)
+        val = feed.validate()
+        if val is not None:
+            for key, value in val_metrics(val, config.source_loss_weight).items():
+                setattr(stats, key, value)
+        run.history.append(stats)
+        run.epoch += 1
+        key = selection_key(stats)
+        if val is None or run.best_key is None or key > run.best_key:
+            run.best_key, run.best_epoch, run.bad_epochs = key, stats.epoch, 0
+            run.best = trainable_state(detector)
+        else:
+            run.bad_epochs += 1
+        if config.progress and info.is_main:
+            tqdm.write(describe(stats, config.epochs), file=sys.stderr)
+        stop = (
+            val is not None
+            and config.patience is not None
+            and run.bad_epochs >= config.patience
+            and run.epoch < config.epochs
         )
-        for pixels, is_fake, source in bar:
-            pixels, is_fake, source = pixels.to(device), is_fake.to(device), source.to(device)
-            out = detector(pixels)
-            loss = detector_loss(
-                out.binary_logit, out.source_logits, is_fake, source, config.source_loss_weight
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total_loss += float(loss.detach()) * len(is_fake)
-            hits += float(((out.binary_logit.detach() > 0).float() == is_fake).sum())
-            seen += len(is_fake)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{hits / seen:.3f}")
-        stats = EpochStats(epoch + 1, total_loss / max(1, seen), hits / max(1, seen))
-        if val_set is not None and len(val_set):
-            stats.val_accuracy, stats.val_source_accuracy = quick_accuracy(
-                detector, val_set, config.batch_size * 2, device
-            )
-        result.history.append(stats)
-        score = stats.val_accuracy if stats.val_accuracy is not None else -stats.loss
-        if score > best_score:
-            best_score, result.best_epoch = score, epoch + 1
-            best_state = copy.deepcopy(detector.state_dict())
-        if config.progress:
-            tqdm.write(_describe(stats), file=sys.stderr)
-    if best_state is not None:
-        detector.load_state_dict(best_state)
+        if state_dir is not None and info.is_main:
+            save_state(state_dir, _snapshot(detector, optimizer, run, expected))
+        if stop:
+            result.stopped_early = True
+            if info.is_main:
+                log.info("early stop: no better validation AP for %d epochs", run.bad_epochs)
+            break
+    distributed.barrier(info)
+    if run.best:
+        params = dict(detector.named_parameters())
+        with torch.no_grad():
+            for name, tensor in run.best.items():
+                params[name].copy_(tensor)
+    result.history, result.best_epoch = run.history, run.best_epoch
     detector.eval().to("cpu")
     return result
 
 
-def _describe(stats: EpochStats) -> str:
-    text = f"epoch {stats.epoch}: loss {stats.loss:.4f}, train acc {stats.train_accuracy:.3f}"
-    if stats.val_accuracy is not None:
-        text += f", val acc {stats.val_accuracy:.3f}"
-        text += f", val source acc {stats.val_source_accuracy:.3f}"
-    return text
+def _snapshot(
+    detector: Detector, optimizer: torch.optim.Optimizer, run: _Run, expected: dict[str, Any]
+) -> TrainState:
+    return TrainState(
+        epoch=run.epoch,
+        step=run.step,
+        model=trainable_state(detector),
+        best=run.best,
+        optimizer=optimizer.state_dict(),
+        info={
+            **expected,
+            "best_key": list(run.best_key) if run.best_key else None,
+            "best_epoch": run.best_epoch,
+            "bad_epochs": run.bad_epochs,
+            "history": [vars(s) for s in run.history],
+        },
+    )

@@ -1,4 +1,9 @@
-"""Recipes that go from data to a saved checkpoint; the CLI and the demo call these."""
+"""Recipes that go from data to a saved, calibrated, evaluated checkpoint.
+
+The CLI and the demo call these. Order of a run: seed, build the encoder, fit (any mode,
+any number of torchrun processes), then on rank 0 only: merge LoRA adapters, calibrate on
+the validation set through the serving engine, evaluate val and test through it, save.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clipguard.detector.backbones import BackboneSpec, build_encoder
 from clipguard.detector.checkpoint import Manifest, new_detector, save_checkpoint
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.preprocess import PreprocessConfig
-from clipguard.training import zoo
+from clipguard.training import modes, zoo
 from clipguard.training.augment import NO_AUGMENT, AugmentConfig
+from clipguard.training.calibrate import calibrate
 from clipguard.training.data import DetectorDataset, LabelledImage
-from clipguard.training.evaluate import evaluate
-from clipguard.training.loop import TrainConfig, TrainResult, fit
+from clipguard.training.evaluate import Scored, engine_logits, score_items, summarize
+from clipguard.training.loop import TrainConfig, TrainResult, fit, seed_everything
 
 SYNTHETIC_NOTICE = (
     "trained on clipguard's synthetic generator zoo: it detects the zoo's artificial "
@@ -31,11 +39,28 @@ class TrainedCheckpoint:
     manifest: Manifest
     result: TrainResult
     seconds: float
+    #: The held-out test set as the training code's evaluation scored it (engine outputs).
+    test_scores: Scored | None = None
 
 
 def zoo_items(n: int, *, size: int, seed: int, classes: Sequence[str]) -> list[LabelledImage]:
     samples = zoo.generate(n, size=size, seed=seed, sources=tuple(classes))
     return [LabelledImage(source=classes.index(s.source), image=s.image) for s in samples]
+
+
+def _calibrated(
+    engine: InferenceEngine,
+    manifest: Manifest,
+    val_items: Sequence[LabelledImage],
+    target_fpr: float | None,
+) -> tuple[Manifest, dict[str, Any]]:
+    logits, kept = engine_logits(engine, val_items)
+    is_fake = torch.tensor([item.is_fake for item in kept])
+    result = calibrate(logits, is_fake, target_fpr)
+    updated = manifest.model_copy(
+        update={"calibration": result.calibration, "policy": result.policy}
+    )
+    return updated, result.info
 
 
 def train_and_save(
@@ -51,9 +76,16 @@ def train_and_save(
     preprocess_policy: str | None = None,
     version: str | None = None,
     extra_training_info: dict[str, Any] | None = None,
-) -> TrainedCheckpoint:
-    """Build the encoder, fit, evaluate through the serving engine, save the checkpoint."""
+    target_fpr: float | None = None,
+    state_dir: Path | None = None,
+    resume: Path | None = None,
+) -> TrainedCheckpoint | None:
+    """Build, fit, calibrate, evaluate through the serving engine, save.
+
+    Returns ``None`` on torchrun ranks other than 0 (they train, rank 0 does the rest).
+    """
     started = time.perf_counter()
+    seed_everything(config.seed)  # the encoder's random init is part of the run's identity
     encoder = build_encoder(backbone)
     preprocess: PreprocessConfig = encoder.preprocess
     if preprocess_policy is not None:
@@ -61,29 +93,62 @@ def train_and_save(
     detector = new_detector(encoder, list(classes))
     train_set = DetectorDataset(train_items, preprocess, augment, seed=config.seed)
     val_set = DetectorDataset(val_items, preprocess) if val_items else None
-    result = fit(detector, train_set, val_set, config)
+    result = fit(
+        detector,
+        train_set,
+        val_set,
+        config,
+        state_dir=state_dir,
+        resume=resume,
+        state_info={"classes": list(classes), "backbone": backbone.name},
+    )
+    if not result.is_main:
+        return None
+    merged = modes.finalize(detector)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    training: dict[str, Any] = {
+        "mode": config.mode,
+        "config": config.model_dump(mode="json"),
+        "augment": augment.model_dump(mode="json"),
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+        "n_test": len(test_items),
+        **result.as_dict(),
+        **(extra_training_info or {}),
+    }
+    if config.mode == "lora":
+        training["lora"] = {
+            "rank": config.lora_rank,
+            "alpha": config.lora_alpha,
+            "merged_weights": merged,
+        }
+    if config.mode == "last-n":
+        training["last_n"] = config.last_n
     manifest = Manifest(
-        version=version or f"{backbone.name}-{stamp}",
+        version=version or f"{backbone.name}-{config.mode}-{stamp}",
         backbone=encoder.model_config,
         pretrained=backbone.pretrained,
         feature_dim=encoder.feature_dim,
         classes=list(classes),
         preprocess=preprocess,
-        training={
-            "config": config.model_dump(),
-            "augment": augment.model_dump(),
-            "n_train": len(train_items),
-            "n_val": len(val_items),
-            **result.as_dict(),
-            **(extra_training_info or {}),
-        },
+        training=training,
     )
-    engine = InferenceEngine(detector, manifest, EngineConfig(device="cpu"))
+    engine_config = EngineConfig(device=config.device)
+    engine = InferenceEngine(detector, manifest, engine_config)
+    if val_items:
+        manifest, calibration_info = _calibrated(engine, manifest, val_items, target_fpr)
+        manifest.training["calibration"] = calibration_info
+        engine = InferenceEngine(detector, manifest, engine_config)
+    metrics: dict[str, Any] = {}
+    if val_items:
+        metrics["val"] = summarize(score_items(engine, val_items), engine.classes, engine.threshold)
+    test_scores = None
     if test_items:
-        manifest = manifest.model_copy(update={"metrics": {"test": evaluate(engine, test_items)}})
+        test_scores = score_items(engine, test_items)
+        metrics["test"] = summarize(test_scores, engine.classes, engine.threshold)
+    manifest = manifest.model_copy(update={"metrics": metrics})
     manifest = save_checkpoint(detector, manifest, out)
-    return TrainedCheckpoint(out, manifest, result, time.perf_counter() - started)
+    return TrainedCheckpoint(out, manifest, result, time.perf_counter() - started, test_scores)
 
 
 def train_synthetic(
@@ -97,14 +162,14 @@ def train_synthetic(
     seed: int = 0,
     config: TrainConfig | None = None,
     augment: AugmentConfig | None = None,
-) -> TrainedCheckpoint:
+    target_fpr: float | None = None,
+    state_dir: Path | None = None,
+    resume: Path | None = None,
+) -> TrainedCheckpoint | None:
     """The demo's and the tests' detector: the tiny backbone on the synthetic zoo."""
     backbone = backbone or BackboneSpec()
     config = config or TrainConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine", seed=seed)
-    # No flips: the zoo's fingerprints sit on the 2x2 pixel grid and a mirror of an even-width
-    # image swaps its phase. JPEG as the demo ships some uploads as JPEG (format-bias guard:
-    # real and fake alike).
-    augment = augment or AugmentConfig(flip_prob=0.0, jpeg_prob=0.4, jpeg_quality=(85, 100))
+    augment = augment or synthetic_augment()
     classes = list(zoo.SOURCES)
     return train_and_save(
         out=out,
@@ -115,6 +180,20 @@ def train_synthetic(
         test_items=zoo_items(n_test, size=image_size, seed=seed + 2, classes=classes),
         config=config,
         augment=augment,
-        version=f"synthetic-{backbone.name}-seed{seed}",
+        version=f"synthetic-{backbone.name}-{config.mode}-seed{seed}",
         extra_training_info={"data": "synthetic zoo", "notice": SYNTHETIC_NOTICE},
+        target_fpr=target_fpr,
+        state_dir=state_dir,
+        resume=resume,
     )
+
+
+def synthetic_augment() -> AugmentConfig:
+    """The zoo's augmentation: no flips, no odd crops, light JPEG.
+
+    The zoo's fingerprints sit on the 2x2 pixel grid: a mirror of an even-width image and a
+    crop at an odd offset swap their phase, so flips are off and crops (off by default here)
+    keep even offsets. JPEG because the demo ships some uploads as JPEG (format-bias guard:
+    real and fake alike).
+    """
+    return AugmentConfig(flip_prob=0.0, jpeg_prob=0.4, jpeg_quality=(85, 100), crop_even=True)
