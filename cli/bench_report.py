@@ -89,6 +89,16 @@ def table(report: dict[str, Any]) -> str:
         f"{'  model only':<30}{_rate(model['images_per_s']):>10}  images/s, "
         f"{1000 * model['batch_seconds_p50']:.1f} ms per batch of {model['batch_size']} (p50); "
         f"{_usage(model)}",
+    ]
+    noise = report.get("noise")
+    if noise:
+        lines.append(
+            f"{'    start / end of the run':<30}{'':>10}  "
+            f"{_rate(noise['model_images_per_s_at_start'])} / "
+            f"{_rate(noise['model_images_per_s_at_end'])} images/s ({noise['drift']:+.0%}, "
+            "other load on the machine): the better one counts"
+        )
+    lines += [
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "
         f"({decode['ms_per_image']:.2f} ms/image)",
@@ -100,12 +110,6 @@ def table(report: dict[str, Any]) -> str:
         f"{'  limit':<30}{_rate(limit['events_per_s']):>10}  {limit['stage'].upper()} is the "
         f"bottleneck (all stages on shared cores: {_rate(limit['serial_events_per_s'])}/s)"
     )
-    noise = report.get("noise")
-    if noise:
-        lines.append(
-            f"{'  model only, at the end':<30}{_rate(noise['model_images_per_s_at_end']):>10}  "
-            f"images/s: {noise['drift']:+.0%} drift while the bench ran (machine noise)"
-        )
     lines += ["", f"{'pipeline':<30}{'per s':>10}  detail"]
     worker = report.get("worker")
     if worker:
@@ -147,7 +151,7 @@ def table(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"{'  load':<10}{'offered/s':>10}{'events':>8}{'p50 ms':>10}{'p99 ms':>10}"
-            f"{'max ms':>10}  p99 vs bound"
+            f"{'max ms':>10}  {'inside worker p50/p99':>22}  p99 vs bound"
         )
         for phase in latency["loads"]:
             check = ""
@@ -156,7 +160,9 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {round(100 * phase['load']):>3}%    {_rate(phase['offered_events_per_s']):>10}"
                 f"{phase['events']:>8}{phase['p50_ms']:>10.0f}{phase['p99_ms']:>10.0f}"
-                f"{phase['max_ms']:>10.0f}  {check}"
+                f"{phase['max_ms']:>10.0f}  "
+                f"{phase['inside_worker_p50_ms']:>11.0f} / {phase['inside_worker_p99_ms']:<8.0f}  "
+                f"{check}"
             )
     else:
         lines.append("latency: skipped")

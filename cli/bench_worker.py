@@ -92,6 +92,7 @@ class Collector:
         self.consumer.poll(timeout_ms=0)
         self.arrived: dict[str, float] = {}  # event_id -> perf_counter at read
         self.decided: dict[str, float] = {}  # event_id -> decided_at (epoch seconds)
+        self.inside_ms: dict[str, float] = {}  # event_id -> the verdict's timings_ms.total
         self.per_prefix: Counter[str] = Counter()
         self.error_verdicts = 0
         self.dead_letters = 0
@@ -127,6 +128,7 @@ class Collector:
         self.decided[event_id] = datetime.fromisoformat(
             verdict["decided_at"].replace("Z", "+00:00")
         ).timestamp()
+        self.inside_ms[event_id] = float((verdict.get("timings_ms") or {}).get("total", 0.0))
         self.per_prefix[_prefix(event_id)] += 1
         if verdict.get("error"):
             self.error_verdicts += 1
@@ -326,6 +328,7 @@ def _paced_phase(
         producer.close()
     read_ms = [1000 * (collector.arrived[e] - t) for e, t in sent.items()]
     decided_ms = [1000 * max(0.0, collector.decided[e] - t) for e, t in sent_wall.items()]
+    inside_ms = [collector.inside_ms[e] for e in sent]
     return {
         "load": load,
         "target_events_per_s": rate,
@@ -336,6 +339,9 @@ def _paced_phase(
         "max_ms": max(read_ms),
         "decided_p50_ms": statistics.median(decided_ms),
         "decided_p99_ms": percentile(decided_ms, 0.99),
+        # consumed -> verdict built, as the worker itself reports it in timings_ms.total
+        "inside_worker_p50_ms": statistics.median(inside_ms),
+        "inside_worker_p99_ms": percentile(inside_ms, 0.99),
         **span.usage(),
     }
 

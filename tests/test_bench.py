@@ -96,6 +96,7 @@ def test_bench_tiny_writes_every_section_with_consistent_ratios(
         assert _close(phase["target_events_per_s"], phase["load"] * worker["events_per_s"])
         assert phase["events"] >= 10 and phase["offered_events_per_s"] > 0
         assert 0 < phase["p50_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+        assert 0 < phase["inside_worker_p50_ms"] <= phase["inside_worker_p99_ms"]
     bound = report["config"]["max_batch_wait_ms"] + 2000 * model["batch_seconds_p50"]
     assert _close(latency["bound_ms"], bound)
     assert latency["p99_within_bound_at_50"] == (latency["loads"][0]["p99_ms"] < bound)
@@ -143,7 +144,20 @@ def _report(model: float, decode: float, broker: float, worker: float, naive: fl
         },
         "worker": {**stage, "events_per_s": worker, "events": 100},
         "naive": {**stage, "events_per_s": naive, "events": 10},
-        "latency": {"loads": [{"load": 0.5, "p50_ms": 50.0, "p99_ms": 300.0}]},
+        "latency": {
+            "loads": [
+                {
+                    "load": 0.5,
+                    "offered_events_per_s": 9.0,
+                    "events": 90,
+                    "p50_ms": 50.0,
+                    "p99_ms": 300.0,
+                    "max_ms": 310.0,
+                    "inside_worker_p50_ms": 20.0,
+                    "inside_worker_p99_ms": 40.0,
+                }
+            ]
+        },
     }
 
 
@@ -161,6 +175,12 @@ def test_derive_names_the_slowest_stage_and_the_ratios() -> None:
     assert report["limit"]["stage"] == "broker"
     assert _close(report["efficiency"]["ratio"], 0.5)
     assert not report["efficiency"]["meets_target"]
+
+
+def test_table_shows_the_latency_split() -> None:
+    text = table(derive(_report(model=20.0, decode=400.0, broker=100.0, worker=18.0, naive=6.0)))
+    row = next(line for line in text.splitlines() if line.strip().startswith("50%"))
+    assert row.split()[-4:] == ["20", "/", "40", "OVER"]
 
 
 def test_table_skips_what_was_not_measured() -> None:
