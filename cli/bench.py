@@ -177,13 +177,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--latency-duration",
         dest="latency_duration",
         type=float,
-        help="seconds of paced load per latency level (default 10)",
+        help="seconds of paced load per latency level, at least 30 events (default 10)",
     )
     add_flag(
         parser,
         "--burst",
         type=int,
-        help="large images in the burst (default: in-flight cap x 1.25)",
+        help="large images in the burst (default: in-flight cap + one batch)",
     )
     add_flag(parser, "--burst-size", dest="burst_size", help="WIDTHxHEIGHT (4000x3000)")
     add_flag(parser, "--timeout", type=float, help="seconds any one measurement may take")
@@ -411,7 +411,7 @@ def _memory(
         raise SettingsError([f"--burst-size {settings.burst_size} exceeds max_image_pixels"])
     cap, _ = inflight_cap(probe)
     # Past the cap, so the cap (not the burst) has to be what bounds memory.
-    count = settings.burst or cap + max(settings.batch_size, cap // 4)
+    count = settings.burst or cap + settings.batch_size
     note(f"memory: making {min(4, count)} distinct {width}x{height} JPEGs")
     burst = large_mix(min(4, count), width, height, settings.quality, settings.seed)
     if max(map(len, burst.jpegs)) > probe.max_image_bytes:

@@ -32,6 +32,9 @@ from clipguard.consumer.worker import Worker
 from clipguard.detector.engine import InferenceEngine
 
 MB = 1024 * 1024
+#: A latency level sends at least this many events, however slow the model (p99 of fewer
+#: than 100 events is their maximum).
+MIN_LATENCY_EVENTS = 30
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,7 @@ def _paced_phase(
     duration_s: float,
 ) -> dict[str, Any]:
     prefix = f"lat{round(load * 100)}"
-    count = max(10, round(rate * duration_s))
+    count = max(MIN_LATENCY_EVENTS, round(rate * duration_s))
     producer = load_producer(env.bootstrap, linger_ms=0)
     sent: dict[str, float] = {}
     sent_wall: dict[str, float] = {}
