@@ -68,6 +68,8 @@ class TrainSettings(ClipguardSettings):
     blur_prob: float | None = Field(default=None, ge=0, le=1)
     jpeg_prob: float | None = Field(default=None, ge=0, le=1)
     crop_prob: float | None = Field(default=None, ge=0, le=1)
+    jpeg_quality: tuple[int, int] | None = None
+    blur_sigma: tuple[float, float] | None = None
     target_fpr: float | None = Field(default=None, gt=0, lt=1)
     resume: Path | None = None
     val_fraction: float = Field(default=0.1, ge=0, lt=0.5)
@@ -78,6 +80,31 @@ class TrainSettings(ClipguardSettings):
     num_workers: int = Field(default=0, ge=0)
     progress: bool = True
     synthetic_images: int = Field(default=2000, ge=50)
+
+    @field_validator("jpeg_quality", "blur_sigma", mode="before")
+    @classmethod
+    def _range(cls, value: Any) -> Any:
+        """``LO,HI`` (a flag or a TOML string) or a two-item list."""
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) != 2:
+                raise ValueError(f"expected LO,HI, got {value!r}")
+            return tuple(parts)
+        return value
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1] <= 100:
+            raise ValueError(f"JPEG quality range must satisfy 1 <= LO <= HI <= 100, got {value}")
+        return value
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 <= LO <= HI, got {value}")
+        return value
 
     @field_validator("data", "resume")
     @classmethod
@@ -131,6 +158,8 @@ class TrainSettings(ClipguardSettings):
             "blur_prob": self.blur_prob,
             "jpeg_prob": self.jpeg_prob,
             "crop_prob": self.crop_prob,
+            "jpeg_quality": self.jpeg_quality,
+            "blur_sigma": self.blur_sigma,
         }
         return base.model_copy(update={k: v for k, v in given.items() if v is not None})
 
@@ -193,6 +222,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--blur-prob", dest="blur_prob", type=float, help="sigma in [0, 3]")
     add_flag(parser, "--jpeg-prob", dest="jpeg_prob", type=float, help="quality in [30, 100]")
     add_flag(parser, "--crop-prob", dest="crop_prob", type=float, help="random crop")
+    add_flag(parser, "--jpeg-quality", dest="jpeg_quality", help="LO,HI (default 30,100)")
+    add_flag(parser, "--blur-sigma", dest="blur_sigma", help="LO,HI (default 0,3)")
     add_flag(
         parser,
         "--target-fpr",
@@ -306,6 +337,8 @@ def report(trained: TrainedCheckpoint) -> dict[str, Any]:
             round(result.feature_seconds, 2) if result.feature_seconds is not None else None
         ),
         "trainable_parameters": result.trainable.get("trainable_parameters"),
+        "skipped_files": manifest.training.get("dataset", {}).get("skipped_files", 0),
+        "undecodable_train_images": (result.history[-1].skipped_images if result.history else 0),
         "calibration": manifest.calibration.model_dump(),
         "policy": manifest.policy.model_dump(),
         "metrics": manifest.metrics,

@@ -140,3 +140,26 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
         train_synthetic(
             tmp_path / "other", n_train=64, n_val=32, n_test=40, config=config, resume=first.path
         )
+
+
+def test_early_stopping_on_a_flat_validation_ap(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=6, batch_size=16, lr=1e-9, progress=False, patience=2)
+    trained = train_synthetic(tmp_path / "flat", n_train=48, n_val=32, n_test=16, config=config)
+    assert trained is not None
+    assert trained.result.stopped_early
+    assert len(trained.result.history) == 3 and trained.result.best_epoch == 1
+
+
+def test_linear_features_are_cached_on_disk_and_reused(tmp_path: Path) -> None:
+    cache = tmp_path / "features"
+    config = TrainConfig(
+        epochs=2, batch_size=16, lr=1e-3, progress=False, mode="linear", feature_cache=cache
+    )
+    first = train_synthetic(tmp_path / "a", n_train=48, n_val=16, n_test=16, config=config)
+    files = sorted(cache.glob("features-*.safetensors"))
+    assert len(files) == 2  # train and val
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = train_synthetic(tmp_path / "b", n_train=48, n_val=16, n_test=16, config=config)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read, not recomputed
+    assert first is not None and second is not None
+    assert torch.equal(first.test_scores.ai_scores, second.test_scores.ai_scores)

@@ -141,10 +141,11 @@ def detector_loss(
     """Binary BCE plus source cross-entropy, the latter only where the source is known."""
     loss = nn.functional.binary_cross_entropy_with_logits(binary_logit.float(), is_fake)
     if source_weight > 0 and bool((source != UNKNOWN_SOURCE).any()):
-        loss = loss + source_weight * nn.functional.cross_entropy(
+        return loss + source_weight * nn.functional.cross_entropy(
             source_logits.float(), source, ignore_index=UNKNOWN_SOURCE
         )
-    return loss
+    # Keep the source head in the graph: DDP expects a gradient for every trained weight.
+    return loss + 0.0 * source_logits.float().sum()
 
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
