@@ -9,8 +9,10 @@ matrix.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +22,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipguard.detector.engine import InferenceEngine
-from clipguard.detector.preprocess import preprocess
+from clipguard.detector.preprocess import PreprocessConfig, preprocess
 from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage, load_or_none
 from clipguard.training.metrics import average_precision, confusion_matrix, roc_auc
 
 Transform = Callable[[Image.Image], Image.Image]
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass
@@ -45,19 +48,26 @@ class Scored:
         return np.asarray([item.source for item in self.items], dtype=np.int64)
 
 
+def _prepare(
+    item: LabelledImage, cfg: PreprocessConfig, transform: Transform | None
+) -> torch.Tensor | None:
+    image = load_or_none(item, LabelledImage.load)
+    if image is None:
+        return None
+    if transform is not None:
+        image = transform(image)
+    return preprocess(image, cfg)
+
+
 def _pixels(
     items: Sequence[LabelledImage], engine: InferenceEngine, transform: Transform | None
 ) -> tuple[list[LabelledImage], list[torch.Tensor]]:
-    kept, tensors = [], []
-    for item in items:
-        image = load_or_none(item, LabelledImage.load)
-        if image is None:
-            continue
-        if transform is not None:
-            image = transform(image)
-        kept.append(item)
-        tensors.append(preprocess(image, engine.manifest.preprocess))
-    return kept, tensors
+    """Decode and preprocess in a thread pool (Pillow releases the GIL), order kept."""
+    cfg = engine.manifest.preprocess
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+        prepared = list(pool.map(lambda item: _prepare(item, cfg, transform), items))
+    kept = [item for item, t in zip(items, prepared, strict=True) if t is not None]
+    return kept, [t for t in prepared if t is not None]
 
 
 def score_items(
