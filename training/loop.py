@@ -15,8 +15,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -380,6 +380,20 @@ def _autocast(device: torch.device, config: TrainConfig) -> tuple[Any, Any]:
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
 
+@contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Linear heads are tiny matrices: one thread beats a team waiting on a busy CPU."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class _Run:
     """Mutable progress of one fit, saved after each epoch."""
@@ -556,9 +570,11 @@ def fit(
     result.feature_seconds = feed.feature_seconds
     steps_per_epoch = max(1, math.ceil(feed.batches_per_epoch / config.accumulate))
     total_steps = max(1, config.epochs * steps_per_epoch)
+    heads_only = config.mode == "linear" and device.type == "cpu"
     while run.epoch < config.epochs:
-        stats = _train_epoch(detector, feed, optimizer, config, run, total_steps, device, info)
-        val = feed.validate()
+        with _intra_op_threads(1 if heads_only else None):
+            stats = _train_epoch(detector, feed, optimizer, config, run, total_steps, device, info)
+            val = feed.validate()
         if val is not None:
             for key, value in val_metrics(val, config.source_loss_weight).items():
                 setattr(stats, key, value)
