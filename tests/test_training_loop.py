@@ -19,6 +19,10 @@ from clipguard.training.state import load_state, state_dir_for
 CLASSES = list(zoo.SOURCES)
 N_VAL = N_TEST = 200
 
+# Real training runs: about a minute on a quiet 2-core machine, several times that when the
+# cores are shared, so these get more room than the suite's default per-test limit.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> TrainedCheckpoint:
