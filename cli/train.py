@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
@@ -78,6 +79,8 @@ class TrainSettings(ClipguardSettings):
     seed: int = 0
     device: str = "auto"
     num_workers: int = Field(default=0, ge=0)
+    #: torch intra-op threads per process (default: torch's choice, one per core).
+    threads: int | None = Field(default=None, ge=1)
     progress: bool = True
     synthetic_images: int = Field(default=2000, ge=50)
 
@@ -238,6 +241,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--seed", type=int)
     add_flag(parser, "--device", help="auto, cpu, cuda")
     add_flag(parser, "--num-workers", dest="num_workers", type=int, help="data loader workers")
+    add_flag(parser, "--threads", type=int, help="torch threads per process (shared machines: 1)")
     parser.add_argument(
         "--no-progress", dest="progress", action="store_const", const=False, default=None
     )
@@ -347,6 +351,8 @@ def report(trained: TrainedCheckpoint) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     info = distributed.env_info()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
