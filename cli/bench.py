@@ -263,7 +263,10 @@ def worker_settings_factory(
         try:
             return WorkerSettings(**values)
         except ValidationError as exc:
-            raise SettingsError.from_validation(exc) from None
+            problems = SettingsError.from_validation(exc).problems
+            raise SettingsError(
+                [f"worker settings (--set KEY=VALUE): {p}" for p in problems]
+            ) from None
 
     return build
 
@@ -431,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
         if checkpoint is None:
             note(f"building an untrained {settings.backbone} detector")
             checkpoint = untrained_checkpoint(settings.backbone, Path(tmp) / "detector", 0)
+        # Fail on a bad --set now, not after minutes of measuring.
+        worker_settings_factory(settings, checkpoint, "127.0.0.1:9092")("a", "b", "c", "d")
         report = measure(settings, checkpoint)
     print(table(report), flush=True)
     if settings.json_file is not None:

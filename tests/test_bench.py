@@ -192,6 +192,13 @@ def test_table_skips_what_was_not_measured() -> None:
     assert "batching gain" not in text
 
 
+def test_bad_worker_setting_stops_before_measuring(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--set", "max_inflight=0", "--events", "10"]) == 2
+    assert "worker settings (--set KEY=VALUE): invalid setting max_inflight" in (
+        capsys.readouterr().err
+    )
+
+
 def test_mix_and_helpers() -> None:
     mix = zoo_mix(3, 33, quality=80)
     assert (mix.width, mix.height, len(mix.jpegs)) == (34, 34, 3)
