@@ -177,6 +177,8 @@ class WorkerSettings(KafkaSettings):
     max_poll_interval_ms: int = Field(default=300_000, ge=200)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    #: How long a fetch may wait for data; short, so a lone upload is not held back.
+    fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
     produce_timeout_s: float = Field(default=30.0, gt=0)
 
     #: Decode threads (Pillow releases the GIL while decoding); default: one per core.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -83,6 +85,7 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
         # Bound what the fetcher buffers ahead of us: memory stays proportional to the cap.
         max_partition_fetch_bytes=max(1_048_576, settings.max_image_bytes * 2),
         fetch_max_bytes=max(8 * 1_048_576, settings.max_image_bytes * 4),
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
 
 
@@ -102,6 +105,16 @@ def make_producer(settings: WorkerSettings) -> KafkaProducer:
     )
 
 
+def default_torch_threads(settings: WorkerSettings) -> int | None:
+    """On the CPU, leave a core to polling and decoding: two OpenMP threads on two shared
+    cores next to the decode pool stall far more than they gain (see docs/bench.md)."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
+        return max(1, (os.cpu_count() or 1) - 1)
+    return None
+
+
 def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
     return InferenceEngine.from_checkpoint(
         settings.checkpoint,
@@ -109,7 +122,7 @@ def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
-            threads=settings.torch_threads,
+            threads=default_torch_threads(settings),
             compile=settings.torch_compile,
         ),
     )
@@ -343,25 +356,34 @@ class Worker(ConsumerRebalanceListener):
     # -- inference thread ------------------------------------------------------------------
 
     def _next_batch(self) -> list[InFlight] | None:
-        """Block for the first event, then gather until the batch is full or its wait is up."""
+        """Block for the first event, then gather until the batch is full or its wait is up.
+
+        Whatever is already queued joins the batch before the deadline is looked at: under a
+        backlog the first event's wait has long passed, and closing on it alone would run
+        batches of one.
+        """
         batcher = Batcher(self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000)
         items: list[InFlight] = []
-        while True:
-            timeout = 0.5 if not items else max(0.0, batcher.time_left(self.clock()))
+        while len(items) < batcher.max_size:
             try:
-                item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
-                if items:
+                if items and batcher.ready(self.clock()):
                     return items
-                self.health.beat()
-                continue
+                timeout = 0.5 if not items else batcher.time_left(self.clock())
+                try:
+                    item = self._inbox.get(timeout=max(0.0005, timeout))
+                except queue.Empty:
+                    if items:
+                        return items
+                    self.health.beat()
+                    continue
             if item is _STOP:
                 self._inbox.put(_STOP)  # leave the sentinel for the loop's own check
                 return items or None
             items.append(item)
             batcher.add(item.pending)
-            if batcher.ready(self.clock()):
-                return items
+        return items
 
     def _inference_loop(self) -> None:
         try:

@@ -116,3 +116,27 @@ def test_invalid_events_have_reasons_and_ids(value: bytes, reason: str, event_id
         parse_record(_record(0, value, key=b"k" if event_id == "k" else None))
     assert info.value.reason == reason
     assert info.value.event_id == event_id
+
+
+def test_a_backlog_fills_whole_batches(tiny_checkpoint) -> None:
+    """Under a backlog every event's wait is long past; batches must still be full."""
+    from concurrent.futures import Future
+
+    from clipguard.consumer.config import WorkerSettings
+    from clipguard.consumer.worker import InFlight, Worker, engine_from_settings
+
+    settings = WorkerSettings(
+        checkpoint=tiny_checkpoint,
+        bootstrap_servers="127.0.0.1:9",
+        max_batch_size=8,
+        max_batch_wait_ms=5,
+        metrics_enabled=False,
+    )
+    now = [1000.0]
+    worker = Worker(settings, engine_from_settings(settings), clock=lambda: now[0])
+    for offset in range(20):
+        worker._inbox.put(InFlight(Pending(_record(offset), received_at=0.0), Future()))
+    sizes = [len(worker._next_batch()) for _ in range(2)]
+    assert sizes == [8, 8]
+    last = worker._next_batch()  # 4 left, nothing more coming: the wait closes the batch
+    assert [item.pending.record.offset for item in last] == [16, 17, 18, 19]
