@@ -51,6 +51,7 @@ from clipguard.consumer.config import (
     SettingsError,
     WorkerSettings,
 )
+from clipguard.consumer.worker import default_torch_threads
 from clipguard.detector import (
     BackboneSpec,
     DecodeLimits,
@@ -144,7 +145,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--max-batch-wait-ms", dest="max_batch_wait_ms", type=int, help="default 20")
     add_flag(parser, "--device", help="auto, cpu, cuda, cuda:N")
     add_flag(parser, "--dtype", help="auto, float32, float16, bfloat16")
-    add_flag(parser, "--threads", type=int, help="torch threads (default: torch's choice)")
+    add_flag(
+        parser,
+        "--threads",
+        type=int,
+        help="torch threads (default: the worker's, cores - 1 on the CPU)",
+    )
     parser.add_argument(
         "--set",
         dest="worker_set",
@@ -323,7 +329,8 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.batch_size,
-            threads=settings.threads,
+            # The worker's own default, so the model stage is measured as the worker runs it.
+            threads=default_torch_threads(settings.device, settings.threads),
         ),
     )
     cfg = engine.manifest.preprocess

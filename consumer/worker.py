@@ -105,12 +105,12 @@ def make_producer(settings: WorkerSettings) -> KafkaProducer:
     )
 
 
-def default_torch_threads(settings: WorkerSettings) -> int | None:
+def default_torch_threads(device: str, threads: int | None = None) -> int | None:
     """On the CPU, leave a core to polling and decoding: two OpenMP threads on two shared
     cores next to the decode pool stall far more than they gain (see docs/bench.md)."""
-    if settings.torch_threads is not None:
-        return settings.torch_threads
-    if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
+    if threads is not None:
+        return threads
+    if device in ("auto", "cpu") and not torch.cuda.is_available():
         return max(1, (os.cpu_count() or 1) - 1)
     return None
 
@@ -122,7 +122,7 @@ def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
-            threads=default_torch_threads(settings),
+            threads=default_torch_threads(settings.device, settings.torch_threads),
             compile=settings.torch_compile,
         ),
     )
