@@ -6,15 +6,26 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from clipguard.cli.main import build_parser, main
 from clipguard.cli.train import load_settings
 from clipguard.detector import InferenceEngine, read_manifest
 from clipguard.training import zoo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain little from a second thread; on a busy machine two spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _settings(*argv: str):

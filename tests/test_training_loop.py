@@ -29,9 +29,16 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> TrainedCheckpoint:
     """Full fine-tune, small: 800 images x 6 epochs (about half a minute on 2 cores)."""
     out = tmp_path_factory.mktemp("learned") / "ck"
     config = TrainConfig(epochs=6, batch_size=16, lr=5e-4, schedule="cosine", progress=False)
-    trained = train_synthetic(
-        out, n_train=800, n_val=N_VAL, n_test=N_TEST, config=config, target_fpr=0.05
-    )
+    # One intra-op thread: the tiny model gains little from two, and on a busy machine two
+    # OpenMP threads spin against each other (several times the CPU for the same run).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = train_synthetic(
+            out, n_train=800, n_val=N_VAL, n_test=N_TEST, config=config, target_fpr=0.05
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert trained is not None
     return trained
 
