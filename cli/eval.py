@@ -81,7 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("auto", "train", "val", "test", "all"),
         help="default: test, else val, else everything",
     )
-    add_flag(parser, "--json", dest="json_path", type=Path, help="also write the report here")
+    add_flag(
+        parser,
+        "--json",
+        dest="json_path",
+        type=Path,
+        metavar="FILE",
+        help="also write the report here",
+    )
     parser.add_argument(
         "--robustness",
         action="store_const",
