@@ -8,7 +8,6 @@ is what "just call the model in a consumer loop" costs per event.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -18,27 +17,31 @@ from clipguard.cli.bench_mix import ImageMix
 from clipguard.cli.bench_probe import Span
 from clipguard.cli.bench_stages import BenchError, load_producer
 from clipguard.cli.bench_worker import BenchEnv, fresh_topics, produce_all
-from clipguard.consumer.records import RecordRef, parse_record
-from clipguard.consumer.schemas import InputRef, ModelRef, PolicyRef, Verdict
-from clipguard.detector.decode import DecodeLimits, decode_image
+from clipguard.consumer.batching import Pending
+from clipguard.consumer.judge import Judge
+from clipguard.consumer.metrics import WorkerMetrics
+from clipguard.consumer.records import RecordRef
+from clipguard.consumer.schemas import Verdict
+from clipguard.consumer.sources import ImageSources
+from clipguard.detector.decode import DecodeLimits
 from clipguard.detector.engine import InferenceEngine
-from clipguard.detector.preprocess import preprocess
 
 
 class NaiveConsumer:
     """Judges one record at a time and commits after every verdict is acknowledged."""
 
     def __init__(self, env: BenchEnv, engine: InferenceEngine, input_topic: str, output: str):
-        self.engine = engine
         self.output = output
         self.timeout_s = env.timeout_s
-        manifest = engine.manifest
-        self.policy = manifest.policy
-        self.model_ref = ModelRef(
-            name=manifest.model_name, version=manifest.version, sha256=manifest.sha256
+        # The worker's own judge (same parsing, decoding, model call and verdict), one event
+        # at a time: the comparison is about batching and overlap, not about different code.
+        self.judge_one = Judge(
+            engine,
+            engine.manifest.policy,
+            DecodeLimits(),
+            ImageSources(DecodeLimits().max_bytes),
+            WorkerMetrics(),
         )
-        self.policy_ref = PolicyRef(review_at=self.policy.review_at, block_at=self.policy.block_at)
-        self.limits = DecodeLimits()
         self.consumer = KafkaConsumer(
             bootstrap_servers=env.bootstrap.split(","),
             client_id="clipguard-bench-naive",
@@ -53,23 +56,10 @@ class NaiveConsumer:
 
     def judge(self, raw: Any) -> Verdict:
         record = RecordRef.from_kafka(raw)
-        upload = parse_record(record)
-        assert upload.image_bytes is not None
-        pixels = preprocess(decode_image(upload.image_bytes, self.limits), self.engine.preprocess)
-        [prediction] = self.engine.predict_tensors(pixels.unsqueeze(0))
-        return Verdict(
-            event_id=upload.event_id,
-            decision=self.policy.decide(prediction.ai_score).value,
-            label=prediction.label,
-            ai_score=round(prediction.ai_score, 6),
-            source=prediction.source,
-            source_scores=prediction.source_scores,
-            model=self.model_ref,
-            policy=self.policy_ref,
-            input=InputRef(topic=record.topic, partition=record.partition, offset=record.offset),
-            decided_at=datetime.now(timezone.utc),
-            metadata=upload.metadata,
-        )
+        [outcome] = self.judge_one([Pending(record, time.monotonic())])
+        if outcome.verdict is None:
+            raise BenchError(f"naive consumer: event at offset {record.offset} has no verdict")
+        return outcome.verdict
 
     def run(self, count: int, seconds: float) -> int:
         """Judge up to ``count`` records for at most ``seconds``; returns how many were done."""
