@@ -62,11 +62,17 @@ def test_two_workers_share_partitions_and_fail_over(kafka_bootstrap: str, tiny_c
         placed += produce(kafka_bootstrap, topics.input, second_half)
         out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=90)
         assert len(survivor.assigned) == 3
+        # Work the leaver handed back unfinished is redelivered from its committed offset and
+        # judged again (at-least-once), so the group's commits reach the end a little later.
+        committed, deadline = {}, time.monotonic() + 60
+        while committed != _ends(placed) and time.monotonic() < deadline:
+            committed = committed_offsets(kafka_bootstrap, topics.group, topics.input)
+            time.sleep(0.2)
     assert sorted(shared) in ([1, 2], [0, 3])  # range assignment split the three partitions
     assert set(out.covered(topics.input)) == set(placed)  # nothing missing
     ids = [v.event_id for v in out.verdicts]
     assert set(ids) == {k.decode() for k, _ in first_half + second_half}
-    assert committed_offsets(kafka_bootstrap, topics.group, topics.input) == _ends(placed)
+    assert committed == _ends(placed)
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(
