@@ -44,7 +44,6 @@ from clipguard.cli.bench_worker import (
     measure_peak,
 )
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
-from clipguard.consumer.broker import EmbeddedBroker
 from clipguard.consumer.config import (
     CheckpointPath,
     ClipguardSettings,
@@ -63,6 +62,7 @@ from clipguard.detector import (
     save_checkpoint,
 )
 from clipguard.detector.backbones import TINY_BACKBONE
+from clipguard.devbroker.broker import EmbeddedBroker
 from clipguard.training import zoo
 
 LATENCY_LOADS = (0.5, 0.9)

@@ -26,10 +26,10 @@ from kafka import KafkaConsumer, TopicPartition
 from clipguard.cli.bench_mix import ImageMix
 from clipguard.cli.bench_probe import RssSampler, Span, rss_bytes
 from clipguard.cli.bench_stages import BenchError, fill_topic, load_producer
-from clipguard.consumer.broker import create_topics
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.worker import Worker
 from clipguard.detector.engine import InferenceEngine
+from clipguard.devbroker.broker import create_topics
 
 MB = 1024 * 1024
 #: A latency level sends at least this many events, however slow the model (p99 of fewer

@@ -7,7 +7,7 @@ import signal
 import threading
 
 from clipguard.cli.common import EXIT_OK
-from clipguard.consumer.broker import EmbeddedBroker, create_topics
+from clipguard.devbroker.broker import EmbeddedBroker, create_topics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

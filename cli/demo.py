@@ -25,11 +25,11 @@ from pydantic import Field
 
 from clipguard.cli.common import EXIT_FAILURE, EXIT_OK, add_flag, flag_values
 from clipguard.cli.produce import upload_event
-from clipguard.consumer.broker import EmbeddedBroker, create_topics
 from clipguard.consumer.config import ClipguardSettings, WorkerSettings
 from clipguard.consumer.schemas import Verdict
 from clipguard.consumer.worker import Worker, engine_from_settings
 from clipguard.detector.checkpoint import CheckpointError, read_manifest
+from clipguard.devbroker.broker import EmbeddedBroker, create_topics
 from clipguard.training import zoo
 from clipguard.training.recipes import SYNTHETIC_NOTICE, train_synthetic
 

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Final
 
-from clipguard.consumer.broker import (
+from clipguard.devbroker.broker import (
     FAST_GROUP_CONSUMER_CONFIG,
     EmbeddedBroker,
     create_topics,

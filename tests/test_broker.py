@@ -22,8 +22,8 @@ from kafka_fixture import (
     unique_topic,
 )
 
-from clipguard.consumer import broker as broker_mod
-from clipguard.consumer.broker import (
+from clipguard.devbroker import broker as broker_mod
+from clipguard.devbroker.broker import (
     BrokerNotInstalledError,
     BrokerStartError,
     EmbeddedBroker,
