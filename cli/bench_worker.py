@@ -27,6 +27,7 @@ from clipguard.cli.bench_mix import ImageMix
 from clipguard.cli.bench_probe import RssSampler, Span, rss_bytes
 from clipguard.cli.bench_stages import BenchError, fill_topic, load_producer
 from clipguard.consumer.config import WorkerSettings
+from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker
 from clipguard.detector.engine import InferenceEngine
 from clipguard.devbroker.broker import create_topics
@@ -218,48 +219,24 @@ class MetricsProbe:
         }
 
 
-@dataclass
-class RunningWorker:
-    worker: Worker
-    ready_at: float  # perf_counter when readiness was first seen
-    thread: threading.Thread
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-
 @contextlib.contextmanager
 def running_worker(
     settings: WorkerSettings, engine: InferenceEngine, ready_timeout_s: float
 ) -> Iterator[RunningWorker]:
     """A real Worker serving on a thread; yields once it is warm and owns its partitions."""
-    worker = Worker(settings, engine)
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            worker.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - reported below, the bench must not hang
-            failures.append(exc)
-
-    thread = threading.Thread(target=serve, name="clipguard-worker", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + ready_timeout_s
-    while not worker.health.ready():
-        if not thread.is_alive() or time.monotonic() > deadline:
-            stop.set()
-            thread.join(timeout=30)
-            raise BenchError(f"the worker never became ready: {failures or 'timeout'}")
-        time.sleep(0.005)
-    running = RunningWorker(worker, time.perf_counter(), thread)
+    running = RunningWorker(Worker(settings, engine)).start()
+    try:
+        running.wait_ready(ready_timeout_s, poll_s=0.005)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            running.stop(30)
+        raise BenchError(f"the worker never became ready: {exc}") from exc
     try:
         yield running
     finally:
-        stop.set()
-        thread.join(timeout=120)
-        if failures:
-            error = failures[0]
+        try:
+            running.stop(120)
+        except Exception as error:
             raise BenchError(f"the worker failed: {type(error).__name__}: {error}") from error
 
 

@@ -14,7 +14,8 @@ from typing import Any
 EXIT_OK = 0  # stopped cleanly: everything consumed was judged, published and committed
 EXIT_FAILURE = 1  # a runtime failure (broker unreachable, publish not acknowledged, bad model)
 EXIT_USAGE = 2  # a setting is wrong: fix the configuration, do not restart blindly
-EXIT_DEAD_LETTER_BRAKE = 3  # too many dead letters: likely a bad deploy, page a human
+EXIT_DEAD_LETTER_BRAKE = 3  # our own failures in a row (model, outputs): a bad deploy, page a human
+EXIT_BROKER_UNAVAILABLE = 4  # the broker stayed away past broker_retry_timeout_s: restart later
 EXIT_INTERRUPTED = 130  # a second signal: stopped at once, uncommitted work will be redelivered
 
 IMAGE_SUFFIXES = {

@@ -11,7 +11,6 @@ import io
 import json
 import random
 import statistics
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pydantic import Field
 from clipguard.cli.common import EXIT_FAILURE, EXIT_OK, add_flag, flag_values
 from clipguard.cli.produce import upload_event
 from clipguard.consumer.config import ClipguardSettings, WorkerSettings
+from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.schemas import Verdict
 from clipguard.consumer.worker import Worker, engine_from_settings
 from clipguard.detector.checkpoint import CheckpointError, read_manifest
@@ -330,31 +330,25 @@ def run(args: argparse.Namespace) -> int:
         worker = Worker(worker_settings, engine_from_settings(worker_settings))
         server = worker.start_metrics()
         metrics_url = f"http://127.0.0.1:{server.port}" if server else None
-        stop = threading.Event()
+        running = RunningWorker(worker).start()
         errors: list[BaseException] = []
-
-        def serve() -> None:
-            try:
-                worker.run(stop)
-            except Exception as exc:  # noqa: BLE001 - reported below; the demo must not hang
-                errors.append(exc)
-
-        thread = threading.Thread(target=serve, name="clipguard-worker", daemon=True)
-        thread.start()
         say("[3/5] worker starting (the broker's first group join takes a few seconds)...")
-        ready_by = time.monotonic() + 60
-        while not worker.health.ready() and thread.is_alive() and time.monotonic() < ready_by:
-            time.sleep(0.1)
+        try:
+            running.wait_ready(60)
+        except Exception as exc:  # noqa: BLE001 - reported below; the demo must not hang
+            errors.append(exc)
         say(f"      worker ready; metrics on {metrics_url}/metrics, /livez, /readyz")
         say(f"[4/5] streaming {settings.events} uploads (+{len(bad_events())} bad ones)...")
         sent = produce(bootstrap, settings.events, settings.seed)
-        got = collect(bootstrap, sent, settings.timeout_s, settings.quiet, thread.is_alive)
+        got = collect(bootstrap, sent, settings.timeout_s, settings.quiet, running.alive)
         metrics_text = ""
         if metrics_url:
             with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:
                 metrics_text = response.read().decode()
-        stop.set()
-        thread.join(timeout=60)
+        try:
+            running.stop(60)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
         say("[5/5] summary")
         summary = summarize(sent, got, metrics_text)
         print_summary(summary)

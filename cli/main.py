@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from clipguard.cli import bench, broker, demo, predict, produce, serve, train
 from clipguard.cli import eval as evaluate
 from clipguard.cli.common import (
+    EXIT_BROKER_UNAVAILABLE,
     EXIT_DEAD_LETTER_BRAKE,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -18,7 +19,7 @@ from clipguard.cli.common import (
     setup_logging,
 )
 from clipguard.consumer.config import SettingsError
-from clipguard.consumer.errors import DeadLetterRateExceeded
+from clipguard.consumer.errors import BrokerUnavailableError, DeadLetterRateExceeded
 from clipguard.detector.errors import ClipguardError
 
 log = logging.getLogger("clipguard")
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeadLetterRateExceeded as exc:
         print(f"clipguard {args.command}: {exc}", file=sys.stderr)
         return EXIT_DEAD_LETTER_BRAKE
+    except BrokerUnavailableError as exc:
+        print(f"clipguard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BROKER_UNAVAILABLE
     except ClipguardError as exc:
         print(f"clipguard {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -12,6 +12,7 @@ from types import FrameType
 
 from clipguard.cli.common import EXIT_INTERRUPTED, EXIT_OK, add_flag, flag_values
 from clipguard.consumer.config import WorkerSettings
+from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker, engine_from_settings
 
 log = logging.getLogger("clipguard.serve")
@@ -128,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         engine.manifest.version,
         engine.device,
     )
-    worker.run(stopper.stop)
+    running = RunningWorker(worker, stopper.stop).start()
+    while running.alive():  # the main thread stays free for signals
+        running.join(0.5)
+    running.join()
     log.info("stopped cleanly")
     return EXIT_OK

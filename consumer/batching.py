@@ -18,6 +18,8 @@ class Pending:
 
     record: RecordRef
     received_at: float
+    #: The partition's epoch at consumption (:class:`~clipguard.consumer.offsets.OffsetTracker`).
+    epoch: int | None = None
 
 
 class Batcher:

@@ -180,9 +180,26 @@ class WorkerSettings(KafkaSettings):
     #: How long a fetch may wait for data; short, so a lone upload is not held back.
     fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
     produce_timeout_s: float = Field(default=30.0, gt=0)
+    #: While the broker cannot be reached the worker is not ready and keeps retrying; after
+    #: this long it exits with code 4 (a supervisor restarts it later, with backoff).
+    broker_retry_timeout_s: float = Field(default=300.0, gt=0)
+    #: How long without an answer from the broker before /readyz says not ready.
+    broker_stale_after_s: float = Field(default=5.0, gt=0)
+    #: A worker loop (consumer, inference) that makes no progress this long fails /livez,
+    #: as do outputs left unacknowledged this long while the broker answers.
+    stall_timeout_s: float = Field(default=60.0, gt=0)
+    #: No partitions and no stable group membership this long fails /livez (a stuck join).
+    assignment_timeout_s: float = Field(default=300.0, gt=0)
+    #: Cap on one output record; default: the producer's cap and the output topics'
+    #: ``max.message.bytes`` as the broker reports them, whichever is smaller.
+    max_output_bytes: int | None = Field(default=None, ge=4096)
 
     #: Decode threads (Pillow releases the GIL while decoding); default: one per core.
     decode_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    #: Threads that fetch image URLs (waiting on the network, not on a core).
+    fetch_workers: int = Field(default=16, ge=1, le=1024)
+    #: One event's URL fetch, all attempts and backoff included, from its consumption.
+    fetch_deadline_s: float = Field(default=30.0, gt=0, le=3600)
     #: Consumed-but-uncommitted events; above it partitions are paused, at half resumed.
     max_inflight: int = Field(default=256, ge=1, le=100_000)
     drain_timeout_s: float = Field(default=30.0, gt=0)

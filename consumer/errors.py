@@ -32,3 +32,10 @@ class DeadLetterRateExceeded(ClipguardError):
 
     stage = "worker"
     reason = "dead_letter_rate"
+
+
+class BrokerUnavailableError(ClipguardError):
+    """The broker stayed unreachable past ``broker_retry_timeout_s``: exit code 4."""
+
+    stage = "worker"
+    reason = "broker_unavailable"

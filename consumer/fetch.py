@@ -265,9 +265,15 @@ class HttpFetcher:
         self.ssl_context = ssl_context or ssl.create_default_context()
         self.clock = clock
 
-    def get(self, url: str) -> bytes:
-        """The body of ``url`` after at most ``max_redirects`` checked redirects."""
-        deadline = Deadline(self.limits.total_timeout_s, self.clock)
+    def get(self, url: str, until: float | None = None) -> bytes:
+        """The body of ``url`` after at most ``max_redirects`` checked redirects, within
+        ``total_timeout_s`` and, when given, before the monotonic time ``until``."""
+        budget = self.limits.total_timeout_s
+        if until is not None:
+            budget = min(budget, until - self.clock())
+            if budget <= 0:
+                raise SourceError("the event's fetch deadline has passed", "timeout")
+        deadline = Deadline(budget, self.clock)
         for _hop in range(self.limits.max_redirects + 1):
             target = parse_target(url)
             addresses = self.guard.resolve(target.host, target.port)

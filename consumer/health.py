@@ -14,23 +14,116 @@ Clock = Callable[[], float]
 
 
 class HealthState:
-    """Liveness is a recent loop heartbeat; readiness is model warmed and partitions owned."""
+    """What ``/livez`` and ``/readyz`` answer, from facts the worker's loops report.
 
-    def __init__(self, stale_after_s: float, clock: Clock = time.monotonic) -> None:
+    Liveness: every registered loop beat within ``stale_after_s`` (a loop that is stuck in a
+    call stops beating; an idle loop still beats), outputs are not stuck unacknowledged while
+    the broker answers, and the worker has not spent ``assignment_timeout_s`` without
+    partitions while its group was not stable. A restart helps in each of those cases.
+
+    Readiness: live, the model warmed, partitions assigned, and the broker answered within
+    ``broker_stale_after_s``. During a broker outage the worker is not ready but stays live
+    (restarting it would not bring the broker back) until ``broker_retry_timeout_s``, when it
+    exits on its own.
+    """
+
+    def __init__(
+        self,
+        stale_after_s: float,
+        clock: Clock = time.monotonic,
+        assignment_timeout_s: float = float("inf"),
+        broker_stale_after_s: float = float("inf"),
+        loops: tuple[str, ...] = ("main",),
+    ) -> None:
         self.stale_after_s = stale_after_s
+        self.assignment_timeout_s = assignment_timeout_s
+        self.broker_stale_after_s = broker_stale_after_s
         self._clock = clock
-        self._last_beat = clock()
+        self._lock = threading.Lock()
+        started = clock()
+        self._beats: dict[str, float] = dict.fromkeys(loops, started)
+        self._broker_ok_at = started
+        self._broker_down_since: float | None = None
+        self._unassigned_since: float | None = started
+        self._group_stable = False
+        self._oldest_unacked: Callable[[], float | None] = lambda: None
         self.model_ready = False
         self.partitions_assigned = False
 
-    def beat(self) -> None:
-        self._last_beat = self._clock()
+    # -- reports from the loops ------------------------------------------------------------
+
+    def beat(self, loop: str = "main") -> None:
+        with self._lock:
+            self._beats[loop] = self._clock()
+
+    def retire(self, loop: str) -> None:
+        """A loop that ended on purpose no longer counts."""
+        with self._lock:
+            self._beats.pop(loop, None)
+
+    def broker_answered(self) -> None:
+        with self._lock:
+            self._broker_ok_at = self._clock()
+            self._broker_down_since = None
+
+    def broker_failed(self) -> None:
+        with self._lock:
+            if self._broker_down_since is None:
+                self._broker_down_since = self._clock()
+
+    def assignment(self, assigned: bool, group_stable: bool) -> None:
+        with self._lock:
+            self.partitions_assigned = assigned
+            self._group_stable = group_stable
+            if assigned or group_stable:
+                self._unassigned_since = None
+            elif self._unassigned_since is None:
+                self._unassigned_since = self._clock()
+
+    def watch_outputs(self, oldest_unacked: Callable[[], float | None]) -> None:
+        """``oldest_unacked()``: when the oldest output still waiting for its ack was sent."""
+        self._oldest_unacked = oldest_unacked
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def broker_unreachable_for(self) -> float:
+        """Seconds since the broker last answered, counted from the first failure seen."""
+        with self._lock:
+            if self._broker_down_since is None:
+                return 0.0
+            return self._clock() - self._broker_ok_at
+
+    def problems(self) -> list[str]:
+        """Why the worker is not live (empty when it is)."""
+        now = self._clock()
+        found = []
+        with self._lock:
+            for loop, at in self._beats.items():
+                if now - at > self.stale_after_s:
+                    found.append(f"{loop} loop stalled for {now - at:.0f}s")
+            broker_ok = now - self._broker_ok_at <= self.broker_stale_after_s
+            unassigned = self._unassigned_since
+        oldest = self._oldest_unacked()
+        if oldest is not None and broker_ok and now - oldest > self.stale_after_s:
+            found.append(f"outputs unacknowledged for {now - oldest:.0f}s")
+        if unassigned is not None and now - unassigned > self.assignment_timeout_s:
+            found.append(f"no partitions and no stable group for {now - unassigned:.0f}s")
+        return found
 
     def live(self) -> bool:
-        return self._clock() - self._last_beat <= self.stale_after_s
+        return not self.problems()
+
+    def broker_reachable(self) -> bool:
+        with self._lock:
+            return self._clock() - self._broker_ok_at <= self.broker_stale_after_s
 
     def ready(self) -> bool:
-        return self.model_ready and self.partitions_assigned and self.live()
+        return (
+            self.model_ready
+            and self.partitions_assigned
+            and self.broker_reachable()
+            and self.live()
+        )
 
 
 class _ThreadingWSGIServer(WSGIServer):

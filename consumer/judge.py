@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -33,6 +33,15 @@ class UnexpectedError(ClipguardError):
 
     stage = "decode"
     reason = "unexpected"
+    internal = True
+
+
+class ModelError(ClipguardError):
+    """The model failed on a batch of decoded images: a fault of ours, not of the uploads."""
+
+    stage = "inference"
+    reason = "model_failed"
+    internal = True
 
 
 @dataclass(frozen=True)
@@ -92,27 +101,48 @@ class Judge:
             timings_ms={"total": round(total_ms, 3)},
         )
 
-    def prepare(self, item: Pending) -> Decoded:
-        """Decode stage (any thread): parse, fetch, decode, preprocess. Never raises."""
+    def prepare(self, item: Pending, deadline: float | None = None) -> Decoded:
+        """Parse, fetch and decode on the calling thread (the naive path, tests). Never raises."""
         upload: Upload | None = None
         try:
-            upload = parse_record(item.record)
-            image_bytes = self.sources.fetch(upload)
+            upload = self.parse(item)
+            return self.decode(item, upload, self.sources.fetch(upload, deadline))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome
+            return self.failed(item, exc, upload)
+
+    def parse(self, item: Pending) -> Upload:
+        """The record as an upload event; raises :class:`InvalidEventError`."""
+        return parse_record(item.record)
+
+    def decode(self, item: Pending, upload: Upload, image_bytes: bytes) -> Decoded:
+        """Decode and preprocess (any thread but the model's). Never raises."""
+        try:
             started = self.clock()
             image = decode_image(image_bytes, self.limits)
             pixels = preprocess(image, self.engine.manifest.preprocess)
             decode_s = self.clock() - started
-        except InvalidEventError as exc:
-            return Decoded(item, None, None, 0.0, self._fail(item, exc, None, exc.event_id))
-        except ClipguardError as exc:
-            return Decoded(item, upload, None, 0.0, self._fail(item, exc, upload, _id(upload)))
-        except Exception as exc:
-            rec = item.record
-            log.exception("unexpected error on %s/%d@%d", rec.topic, rec.partition, rec.offset)
-            error = UnexpectedError(f"{type(exc).__name__}: {exc}")
-            return Decoded(item, upload, None, 0.0, self._fail(item, error, upload, _id(upload)))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome
+            return self.failed(item, exc, upload)
         self.metrics.decode_seconds.observe(decode_s)
         return Decoded(item, upload, pixels, decode_s, None)
+
+    def failed(self, item: Pending, exc: BaseException, upload: Upload | None) -> Decoded:
+        """Any exception met while preparing ``item``, as its failure outcome."""
+        if isinstance(exc, InvalidEventError):
+            return Decoded(item, None, None, 0.0, self._fail(item, exc, None, exc.event_id))
+        if not isinstance(exc, ClipguardError):
+            rec = item.record
+            log.error(
+                "unexpected error on %s/%d@%d: %s: %s",
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                type(exc).__name__,
+                str(exc)[:300],
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            exc = UnexpectedError(f"{type(exc).__name__}: {exc}"[:1000])
+        return Decoded(item, upload, None, 0.0, self._fail(item, exc, upload, _id(upload)))
 
     def finish(self, decoded: Sequence[Decoded]) -> list[Outcome]:
         """Inference stage (the model's thread): one batch, one outcome per input, in order."""
@@ -121,15 +151,26 @@ class Judge:
         predictions: list[Prediction] = []
         inference_s = 0.0
         if ready:
-            pixels = torch.stack([d.pixels for d in ready])  # type: ignore[misc]
-            predictions = self.engine.predict_tensors(pixels)
+            try:
+                pixels = torch.stack([d.pixels for d in ready])  # type: ignore[misc]
+                predictions = self.engine.predict_tensors(pixels)
+            except Exception as exc:  # noqa: BLE001 - the batch is dead-lettered, counted as ours
+                log.error(
+                    "model failed on a batch of %d: %s: %s", len(ready), type(exc).__name__, exc
+                )
+                error = ModelError(f"{type(exc).__name__}: {exc}"[:1000])
+                decoded = [
+                    d if d.failure else self.failed(d.item, error, d.upload) for d in decoded
+                ]
+                ready = []
             inference_s = self.clock() - started
-            self.metrics.inference_seconds.observe(inference_s)
+            if ready:
+                self.metrics.inference_seconds.observe(inference_s)
         by_position = iter(predictions)
         outcomes: list[Outcome] = []
         for d in decoded:
             if d.failure is not None:
-                outcomes.append(d.failure)
+                outcomes.append(replace(d.failure, epoch=d.item.epoch))
                 continue
             assert d.upload is not None
             timings = {
@@ -141,7 +182,11 @@ class Judge:
             verdict = self._verdict(d.item, d.upload, next(by_position), timings)
             outcomes.append(
                 Outcome(
-                    d.item.record, verdict, None, event_time(d.item.record, d.upload.uploaded_at)
+                    d.item.record,
+                    verdict,
+                    None,
+                    event_time(d.item.record, d.upload.uploaded_at),
+                    epoch=d.item.epoch,
                 )
             )
         if len(outcomes) != len(decoded):  # one output per input, checked (LitServe habit)

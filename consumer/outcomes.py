@@ -43,6 +43,12 @@ class Outcome:
     dead_letter: DeadLetter | None
     #: When the upload happened (epoch seconds): upload time, else the record timestamp.
     event_time: float | None = None
+    #: The partition's epoch when the record was consumed (stale after a rebalance).
+    epoch: int | None = None
+    #: A failure of ours (model, output), not of the input: only these count for the brake.
+    internal: bool = False
+    #: The dead letter that replaced an output the broker refused.
+    rerouted: bool = False
 
     def __post_init__(self) -> None:
         if self.verdict is None and self.dead_letter is None:
@@ -80,7 +86,7 @@ def failure(
             metadata=metadata or {},
             error=ErrorInfo(stage=error.stage, reason=error.reason, message=message[:500]),
         )
-    return Outcome(record, verdict, dead_letter, event_time(record, None))
+    return Outcome(record, verdict, dead_letter, event_time(record, None), internal=error.internal)
 
 
 def event_time(record: RecordRef, uploaded_at: datetime | None) -> float | None:

@@ -31,11 +31,14 @@ def retry(
     max_delay: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
     jitter: Callable[[], float] = random.random,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """``fn()``, called up to ``attempts`` times while it raises transient SourceErrors.
 
-    Permanent errors propagate at once. When the attempts run out the last error is raised
-    again, still transient, so the worker dead-letters it with its real reason.
+    Permanent errors propagate at once. When the attempts run out, or the next attempt would
+    start past ``deadline``, the last error is raised again, still transient, so the worker
+    dead-letters it with its real reason.
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
@@ -45,13 +48,15 @@ def retry(
         except SourceError as exc:
             if exc.permanent:
                 raise
-            if attempt == attempts:
-                if attempts == 1:
+            delay = backoff_delay(attempt, base_delay, max_delay, jitter())
+            out_of_time = deadline is not None and clock() + delay >= deadline
+            if attempt == attempts or out_of_time:
+                if attempt == 1:
                     raise
                 raise SourceError(
-                    f"{exc} (gave up after {attempts} attempts)", exc.reason, permanent=False
+                    f"{exc} (gave up after {attempt} attempts)", exc.reason, permanent=False
                 ) from exc
-            sleep(backoff_delay(attempt, base_delay, max_delay, jitter()))
+            sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -69,5 +74,7 @@ class RetryPolicy:
         if self.attempts < 1 or self.base_delay < 0 or self.max_delay < 0:
             raise ValueError("retry policy needs attempts >= 1 and non-negative delays")
 
-    def __call__(self, fn: Callable[[], T]) -> T:
-        return retry(fn, self.attempts, self.base_delay, self.max_delay, self.sleep, self.jitter)
+    def __call__(self, fn: Callable[[], T], deadline: float | None = None) -> T:
+        return retry(
+            fn, self.attempts, self.base_delay, self.max_delay, self.sleep, self.jitter, deadline
+        )

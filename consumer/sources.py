@@ -88,7 +88,9 @@ class ImageSources:
         )
         return cls(settings.max_image_bytes, settings.file_root, http, retry)
 
-    def fetch(self, upload: Upload) -> bytes:
+    def fetch(self, upload: Upload, deadline: float | None = None) -> bytes:
+        """The event's image bytes. ``deadline`` (monotonic seconds) bounds a URL fetch with
+        all its retries: no attempt starts or runs past it."""
         if upload.image_bytes is not None:
             return upload.image_bytes
         url = upload.image_url or ""
@@ -104,7 +106,7 @@ class ImageSources:
                 raise SourceError(
                     "http(s) image URLs are not enabled on this worker", "scheme_not_enabled"
                 )
-            return self.retry(lambda: http.get(url))
+            return self.retry(lambda: http.get(url, deadline), deadline)
         raise SourceError(f"unsupported image URL scheme {scheme!r}", "unsupported_scheme")
 
     def _read_file(self, url: str) -> bytes:

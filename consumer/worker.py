@@ -1,16 +1,21 @@
-"""The worker: poll -> decode pool -> batching inference thread -> publish -> commit.
+"""The worker: a chain of small stages, composed here.
 
-Three kinds of threads, each owning one thing:
+    consumer thread        prepare pools             inference thread       producer thread
+    poll -> track ----> parse / fetch / decode ----> batch -> model -----> publish -> ack
+      ^                                                                               |
+      +------------------------- commit (the one committer, last) <------------------+
 
 - the consumer thread owns the ``KafkaConsumer``: it polls (so ``max_poll_interval_ms`` is
-  never exceeded by a slow batch), submits decodes, commits and applies backpressure;
-- the decode pool turns records into model-ready pixels (never on the inference thread);
-- the inference thread owns the model: it closes batches at ``max_batch_size`` events or
-  ``max_batch_wait_ms`` after the first one, runs them, and publishes the outcomes.
-
-Records travel in consumption order through one FIFO, so batches are per-partition runs
-and commits (or transactions) only ever move forward. An offset is committed after the
-broker acknowledged its verdict or dead letter; commit is always the last step.
+  never exceeded by a slow batch), records each offset, hands the record to the prepare
+  stage, commits, applies backpressure and watches the broker;
+- the prepare stage (:mod:`~clipguard.consumer.prepare`) parses and decodes on a CPU pool
+  and fetches URLs on an I/O pool, delivering each record when it is ready;
+- the inference stage (:mod:`~clipguard.consumer.infer`) owns the model and batches what is
+  ready, not the head of the queue, so a slow upload holds back only itself;
+- the publisher (:mod:`~clipguard.consumer.publish`) sizes and sends outputs; the producer's
+  acknowledgement marks the input offset done in the :class:`OffsetTracker`;
+- the committer (:mod:`~clipguard.consumer.committer`) is the only place offsets move: the
+  contiguous acknowledged prefix, with an offset commit or inside a transaction.
 """
 
 from __future__ import annotations
@@ -18,31 +23,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.structs import OffsetAndMetadata
+from kafka.errors import KafkaError
+from kafka.structs import MemberState
 
-from clipguard.consumer.batching import Batcher, Pending
+from clipguard.consumer.batching import Pending
+from clipguard.consumer.brokerprobe import BrokerProbe
+from clipguard.consumer.committer import Committer, OffsetCommitter, TransactionCommitter
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.deadletter import DeadLetterBrake, DeadLetterLimit
+from clipguard.consumer.errors import BrokerUnavailableError
+from clipguard.consumer.fit import OutputFitter
 from clipguard.consumer.health import HealthState, MetricsServer
+from clipguard.consumer.infer import InferenceStage
 from clipguard.consumer.judge import Decoded, Judge
 from clipguard.consumer.metrics import WorkerMetrics
 from clipguard.consumer.offsets import OffsetTracker, TopicPartitionKey
+from clipguard.consumer.ordering import InOrderRelease
 from clipguard.consumer.outcomes import Outcome
-from clipguard.consumer.publish import Publisher, PublishError
+from clipguard.consumer.prepare import PrepareStage
+from clipguard.consumer.publish import Publisher
+from clipguard.consumer.rebalance import Rebalancer
 from clipguard.consumer.records import RecordRef
 from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits
@@ -53,6 +63,7 @@ log = logging.getLogger(__name__)
 
 OutcomeListener = Callable[[Outcome], None]
 POLL_TIMEOUT_MS = 100
+LOOP = "consumer"
 
 
 def build_policy(settings: WorkerSettings, engine: InferenceEngine) -> Policy:
@@ -89,6 +100,10 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
     )
 
 
+def producer_max_request_size(settings: WorkerSettings) -> int:
+    return max(1_048_576, settings.max_image_bytes * 2)
+
+
 def make_producer(settings: WorkerSettings) -> KafkaProducer:
     extra: dict[str, Any] = {}
     if settings.exactly_once:
@@ -100,7 +115,7 @@ def make_producer(settings: WorkerSettings) -> KafkaProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
-        max_request_size=max(1_048_576, settings.max_image_bytes * 2),
+        max_request_size=producer_max_request_size(settings),
         **extra,
     )
 
@@ -128,18 +143,7 @@ def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
     )
 
 
-@dataclass(frozen=True)
-class InFlight:
-    """A record handed to the decode pool, in consumption order."""
-
-    pending: Pending
-    decoded: Future[Decoded]
-
-
-_STOP = object()
-
-
-class Worker(ConsumerRebalanceListener):
+class Worker:
     """One consumer-group member judging uploads until ``stop`` is set."""
 
     def __init__(
@@ -156,7 +160,13 @@ class Worker(ConsumerRebalanceListener):
         self.clock = clock
         self.on_outcome = on_outcome
         self.policy = build_policy(settings, engine)
-        self.health = HealthState(settings.max_poll_interval_ms / 2000, clock)
+        self.health = HealthState(
+            settings.stall_timeout_s,
+            clock,
+            assignment_timeout_s=settings.assignment_timeout_s,
+            broker_stale_after_s=settings.broker_stale_after_s,
+            loops=(LOOP,),
+        )
         # Computed at scrape time, so a stuck loop cannot keep reporting its last value.
         self.metrics.ready.set_function(lambda: 1.0 if self.health.ready() else 0.0)
         self.judge = Judge(
@@ -179,17 +189,18 @@ class Worker(ConsumerRebalanceListener):
             )
         )
         self.offsets = OffsetTracker()
-        self._offsets_lock = threading.Lock()
-        self._inbox: queue.Queue[Any] = queue.Queue()
-        self._failure: BaseException | None = None
         self.consumer: KafkaConsumer | None = None
         self.publisher: Publisher | None = None
         self.metrics_server: MetricsServer | None = None
         self.assigned: set[TopicPartitionKey] = set()
         self.paused = False
         self.peak_inflight = 0
+        self._failure: BaseException | None = None
+        self._failure_lock = threading.Lock()
+        self._brake_lock = threading.Lock()
         self._last_consumed: dict[TopicPartitionKey, int] = {}
         self._next_lag_update = 0.0
+        self._next_poll_warning = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -204,11 +215,29 @@ class Worker(ConsumerRebalanceListener):
         ).start()
         return self.metrics_server
 
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def fail(self, exc: BaseException) -> None:
+        """Record what stops the worker; the first one wins, later ones are logged."""
+        with self._failure_lock:
+            if self._failure is None:
+                log.error("worker stopping: %s: %s", type(exc).__name__, exc)
+                self._failure = exc
+                return
+        log.debug("also failed after the first failure: %s: %s", type(exc).__name__, exc)
+
+    def inflight(self) -> int:
+        return self.offsets.inflight()
+
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then drain, publish and commit what was consumed.
 
-        Raises what stopped the worker early (a publish failure, the dead-letter brake).
+        Raises what stopped the worker early (the dead-letter brake, the broker gone for
+        longer than ``broker_retry_timeout_s``, a failed transaction, a bug).
         """
+        settings = self.settings
         self.start_metrics()
         self.engine.warm_up()
         self.health.model_ready = True
@@ -218,263 +247,290 @@ class Worker(ConsumerRebalanceListener):
             device=str(self.engine.device),
             dtype=str(self.engine.dtype).removeprefix("torch."),
         ).set(1)
-        producer = make_producer(self.settings)
-        if self.settings.exactly_once:
-            producer.init_transactions()
-        self.publisher = Publisher(
-            producer,
-            self.settings.output_topic,
-            self.settings.dlq_topic,
-            self.settings.produce_timeout_s,
-        )
-        self.consumer = make_consumer(self.settings)
-        decode_pool = ThreadPoolExecutor(
-            self.settings.decode_workers, thread_name_prefix="clipguard-decode"
-        )
-        inference = threading.Thread(
-            target=self._inference_loop, name="clipguard-inference", daemon=True
-        )
-        inference.start()
+        probe = BrokerProbe(settings.client_kwargs(), self.health)
+        producer = self._connect("producer", lambda: make_producer(settings), stop)
+        consumer: KafkaConsumer | None = None
+        inference_thread: threading.Thread | None = None
+        prepare: PrepareStage | None = None
+        serving = [True]
         try:
-            self.consumer.subscribe([self.settings.input_topic], listener=self)
+            if producer is None:
+                return
+            if settings.exactly_once:
+                producer.init_transactions()
+            consumer = self._connect("consumer", lambda: make_consumer(settings), stop)
+            if consumer is None:
+                return
+            self.consumer = consumer
+            fitter = OutputFitter(
+                settings.output_topic, settings.dlq_topic, self._output_limit(probe)
+            )
+            probe.start()
+            committer, transaction = self._committer(consumer, producer)
+            self.publisher = Publisher(
+                producer,
+                fitter,
+                self.offsets,
+                self.metrics,
+                self.health,
+                self.fail,
+                transaction,
+                self.clock,
+            )
+            self.publisher.on_rerouted = self._rerouted
+            self.health.watch_outputs(self.publisher.oldest_unacked)
+            inference = InferenceStage(
+                self.judge,
+                self.publisher,
+                self.metrics,
+                self.health,
+                settings.max_batch_size,
+                settings.max_batch_wait_ms / 1000,
+                self._is_current,
+                self._judged,
+                self.clock,
+            )
+            ordering = InOrderRelease(inference.put) if settings.exactly_once else None
+            prepare = PrepareStage(
+                self.judge,
+                ordering or inference.put,
+                settings.decode_workers,
+                settings.fetch_workers,
+                settings.fetch_deadline_s,
+            )
+            rebalancer = Rebalancer(self.offsets, committer, self.metrics, self._assignment)
+            if ordering is not None:
+                rebalancer.on_change = self._with_ordering(ordering)
+            inference_thread = threading.Thread(
+                target=self._guarded(
+                    lambda: inference.run(lambda: serving[0] and self._failure is None)
+                ),
+                name="clipguard-inference",
+                daemon=True,
+            )
+            inference_thread.start()
+            consumer.subscribe([settings.input_topic], listener=rebalancer)
             while not stop.is_set() and self._failure is None:
-                self._poll(decode_pool)
-            self._drain()
+                self._poll(consumer, prepare, committer, ordering)
+            self._drain(consumer, committer)
         finally:
             self.health.model_ready = False
-            self._inbox.put(_STOP)
-            inference.join(timeout=self.settings.drain_timeout_s)
-            decode_pool.shutdown(wait=False, cancel_futures=True)
-            try:
-                self.consumer.close(autocommit=False)
-            finally:
-                producer.close(timeout=self.settings.produce_timeout_s)
-                if self.metrics_server is not None:
-                    self.metrics_server.stop()
+            serving[0] = False
+            if inference_thread is not None:
+                inference_thread.join(timeout=settings.drain_timeout_s)
+                self.health.retire("inference")
+            if prepare is not None:
+                prepare.close()
+            probe.stop()
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    consumer.close(autocommit=False)
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    producer.close(timeout=settings.produce_timeout_s)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
         if self._failure is not None:
             raise self._failure
 
-    # -- consumer thread -------------------------------------------------------------------
+    # -- set-up ---------------------------------------------------------------------------
 
-    def inflight(self) -> int:
-        with self._offsets_lock:
-            return self.offsets.inflight()
+    def _connect(self, what: str, factory: Callable[[], Any], stop: threading.Event) -> Any:
+        """Build a Kafka client, retrying while the broker is away (bounded by the limit)."""
+        delay = 0.5
+        while not stop.is_set():
+            self.health.beat(LOOP)
+            try:
+                client = factory()
+            except KafkaError as exc:
+                self.health.broker_failed()
+                self._check_broker_limit()
+                if self._failure is not None:
+                    return None
+                log.warning("cannot reach the broker for the %s yet (%s); retrying", what, exc)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.health.broker_answered()
+            return client
+        return None
 
-    def _poll(self, decode_pool: ThreadPoolExecutor) -> None:
-        assert self.consumer is not None
-        self.health.beat()
-        room = self.settings.max_inflight - self.inflight()
-        polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, room))
+    def _output_limit(self, probe: BrokerProbe) -> int:
+        """The largest record we may send: our producer's cap, the topics' own limits, and
+        ``max_output_bytes`` when set, whichever is smallest."""
+        settings = self.settings
+        limits = [producer_max_request_size(settings)]
+        limits += probe.max_message_bytes([settings.output_topic, settings.dlq_topic]).values()
+        if settings.max_output_bytes is not None:
+            limits.append(settings.max_output_bytes)
+        limit = min(limits)
+        log.info("outputs are sized to fit %d bytes per record", limit)
+        return limit
+
+    def _committer(
+        self, consumer: KafkaConsumer, producer: KafkaProducer
+    ) -> tuple[Committer, TransactionCommitter | None]:
+        if not self.settings.exactly_once:
+            return OffsetCommitter(consumer, self.offsets, self.metrics), None
+        transaction = TransactionCommitter(
+            consumer, producer, self.offsets, self.metrics, threading.Lock()
+        )
+        transaction.begin()
+        return transaction, transaction
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+                self.fail(exc)
+
+        return run
+
+    # -- consumer thread ---------------------------------------------------------------------
+
+    def _poll(
+        self,
+        consumer: KafkaConsumer,
+        prepare: PrepareStage,
+        committer: Committer,
+        ordering: InOrderRelease | None,
+    ) -> None:
+        self.health.beat(LOOP)
+        room = self.settings.max_inflight - self.offsets.inflight()
+        try:
+            polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, room))
+        except KafkaError as exc:
+            self._poll_failed(exc)
+            return
+        committer.settle()
         received_at = self.clock()
         for records in polled.values():
             for raw in records:
                 record = RecordRef.from_kafka(raw)
                 key = (record.topic, record.partition)
-                with self._offsets_lock:
-                    self.offsets.consumed(key, record.offset)
+                epoch = self.offsets.consumed(key, record.offset)
                 self._last_consumed[key] = record.offset
                 self.metrics.events_consumed.labels(topic=record.topic).inc()
-                pending = Pending(record, received_at)
-                self._inbox.put(InFlight(pending, decode_pool.submit(self.judge.prepare, pending)))
-        inflight = self.inflight()
+                if ordering is not None:
+                    ordering.expect(key, record.offset, epoch)
+                prepare.submit(Pending(record, received_at, epoch))
+        inflight = self.offsets.inflight()
         self.peak_inflight = max(self.peak_inflight, inflight)
         self.metrics.inflight_events.set(inflight)
-        if not self.settings.exactly_once:
-            self._commit()
-        self._apply_backpressure(inflight)
-        self._update_lag(force=bool(polled))
+        committer.commit()
+        self._apply_backpressure(consumer, inflight)
+        self._update_lag(consumer, force=bool(polled))
+        state = consumer.group_metadata().state
+        self.health.assignment(bool(self.assigned), state == MemberState.STABLE)
+        self._check_broker_limit()
 
-    def _apply_backpressure(self, inflight: int) -> None:
+    def _poll_failed(self, exc: KafkaError) -> None:
+        """A poll that raised: the client retries its connections itself; we wait a little,
+        keep the health facts current and give up only at the broker limit."""
+        self.metrics.errors.labels(stage="consume").inc()
+        now = self.clock()
+        if now >= self._next_poll_warning:
+            log.warning("poll failed: %s: %s (retrying)", type(exc).__name__, exc)
+            self._next_poll_warning = now + 10.0
+        self._check_broker_limit()
+        time.sleep(0.5)
+
+    def _check_broker_limit(self) -> None:
+        away = self.health.broker_unreachable_for()
+        limit = self.settings.broker_retry_timeout_s
+        if away > limit:
+            self.fail(
+                BrokerUnavailableError(
+                    f"broker unreachable for {away:.0f}s (limit broker_retry_timeout_s={limit:g})"
+                )
+            )
+
+    def _apply_backpressure(self, consumer: KafkaConsumer, inflight: int) -> None:
         """Pause every assigned partition above the cap, resume at half: keep polling."""
-        assert self.consumer is not None
         cap = self.settings.max_inflight
         if not self.paused and inflight >= cap:
-            partitions = list(self.consumer.assignment())
-            self.consumer.pause(*partitions)
             self.paused = True
-            self.metrics.paused_partitions.set(len(partitions))
         elif self.paused and inflight <= cap // 2:
-            self.consumer.resume(*self.consumer.paused())
+            consumer.resume(*consumer.paused())
             self.paused = False
             self.metrics.paused_partitions.set(0)
+        if self.paused:  # every round: partitions assigned meanwhile obey the pause too
+            partitions = consumer.assignment()
+            consumer.pause(*partitions)
+            self.metrics.paused_partitions.set(len(partitions))
 
-    def _commit(self, only: set[TopicPartitionKey] | None = None) -> None:
-        """Commit acknowledged offsets (at-least-once). Consumer thread only."""
-        assert self.consumer is not None
-        with self._offsets_lock:
-            positions = self.offsets.committable()
-        if only is not None:
-            positions = {tp: offset for tp, offset in positions.items() if tp in only}
-        if not positions:
-            return
-        offsets = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
-            for (topic, partition), offset in positions.items()
-        }
-        try:
-            self.consumer.commit(offsets)
-        except Exception:
-            self.metrics.commits.labels(result="failure").inc()
-            raise
-        self.metrics.commits.labels(result="success").inc()
-        with self._offsets_lock:
-            self.offsets.committed(positions)
-
-    def _update_lag(self, force: bool = False) -> None:
+    def _update_lag(self, consumer: KafkaConsumer, force: bool = False) -> None:
         """Records behind the high watermark the broker reported with our last fetch.
 
         ``highwater`` is what the last fetch response said (no request), so this is cheap.
         """
         now = self.clock()
-        if (now < self._next_lag_update and not force) or self.consumer is None:
+        if now < self._next_lag_update and not force:
             return
         self._next_lag_update = now + 1.0
-        for (topic, partition), offset in self._last_consumed.items():
+        for (topic, partition), offset in list(self._last_consumed.items()):
             if (topic, partition) not in self.assigned:
                 continue
-            highwater = self.consumer.highwater(TopicPartition(topic, partition))
+            highwater = consumer.highwater(TopicPartition(topic, partition))
             if highwater is not None:
                 lag = max(0, highwater - offset - 1)
                 self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
 
-    def _drain(self) -> None:
+    def _drain(self, consumer: KafkaConsumer, committer: Committer) -> None:
         """Stop taking records, let every consumed one finish and commit, within a deadline."""
-        assert self.consumer is not None
         with contextlib.suppress(Exception):
-            self.consumer.pause(*self.consumer.assignment())
+            consumer.pause(*consumer.assignment())
         deadline = self.clock() + self.settings.drain_timeout_s
-        while self.inflight() and self._failure is None and self.clock() < deadline:
-            self.consumer.poll(timeout_ms=50)
-            if not self.settings.exactly_once:
-                self._commit()
-        if not self.settings.exactly_once:
-            self._commit()
-        left = self.inflight()
+        while self.offsets.inflight() and self._failure is None and self.clock() < deadline:
+            self.health.beat(LOOP)
+            try:
+                consumer.poll(timeout_ms=50)
+            except KafkaError as exc:
+                log.warning("poll during drain failed: %s", exc)
+                time.sleep(0.2)
+            committer.settle()
+            committer.commit()
+        if self._failure is None:
+            committer.commit()
+        left = self.offsets.inflight()
         if left:
             log.warning("stopped with %d events uncommitted; they will be redelivered", left)
 
-    # -- inference thread ------------------------------------------------------------------
+    # -- callbacks from the other stages ---------------------------------------------------------
 
-    def _next_batch(self) -> list[InFlight] | None:
-        """Block for the first event, then gather until the batch is full or its wait is up.
+    def _is_current(self, decoded: Decoded) -> bool:
+        record = decoded.item.record
+        epoch = decoded.item.epoch
+        return epoch is None or self.offsets.is_current((record.topic, record.partition), epoch)
 
-        Whatever is already queued joins the batch before the deadline is looked at: under a
-        backlog the first event's wait has long passed, and closing on it alone would run
-        batches of one.
-        """
-        batcher = Batcher(self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000)
-        items: list[InFlight] = []
-        while len(items) < batcher.max_size:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                if items and batcher.ready(self.clock()):
-                    return items
-                timeout = 0.5 if not items else batcher.time_left(self.clock())
-                try:
-                    item = self._inbox.get(timeout=max(0.0005, timeout))
-                except queue.Empty:
-                    if items:
-                        return items
-                    self.health.beat()
-                    continue
-            if item is _STOP:
-                self._inbox.put(_STOP)  # leave the sentinel for the loop's own check
-                return items or None
-            items.append(item)
-            batcher.add(item.pending)
-        return items
-
-    def _inference_loop(self) -> None:
-        try:
-            while self._failure is None:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                self._run_batch(batch)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread to raise
-            log.error("worker stopping: %s: %s", type(exc).__name__, exc)
-            self._failure = exc
-
-    def _run_batch(self, batch: list[InFlight]) -> None:
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_wait_seconds.observe(
-            max(0.0, self.clock() - batch[0].pending.received_at)
-        )
-        decoded = [item.decoded.result() for item in batch]
-        outcomes = self.judge.finish(decoded)
-        if self.settings.exactly_once:
-            self._publish_transaction(outcomes)
-        else:
-            self._publish(outcomes)
+    def _judged(self, outcomes: list[Outcome]) -> None:
+        """Inference thread, after a batch was handed to the publisher."""
         for outcome in outcomes:
             self._count(outcome)
             if self.on_outcome is not None:
                 self.on_outcome(outcome)
-            self.brake.record(outcome.dead_letter is not None)
+            self._brake(outcome)
 
-    def _publish(self, outcomes: Iterable[Outcome]) -> None:
-        """Send; each record is acknowledged when all of its outputs are (producer thread)."""
-        assert self.publisher is not None
-        for outcome in outcomes:
-            futures = self.publisher.send([outcome])
-            remaining = [len(futures)]
-            key = (outcome.record.topic, outcome.record.partition)
-            offset = outcome.record.offset
-            lock = threading.Lock()
+    def _rerouted(self, outcome: Outcome) -> None:
+        """Producer thread: an output was refused and its input dead-lettered instead."""
+        assert outcome.dead_letter is not None
+        self.metrics.dead_letters.labels(
+            stage=outcome.dead_letter.stage, reason=outcome.dead_letter.reason
+        ).inc()
+        self._brake(outcome)
 
-            def on_success(
-                _: Any,
-                key: TopicPartitionKey = key,
-                offset: int = offset,
-                remaining: list[int] = remaining,
-                lock: threading.Lock = lock,
-            ) -> None:
-                with lock:
-                    remaining[0] -= 1
-                    done = remaining[0] == 0
-                if done:
-                    with self._offsets_lock:
-                        self.offsets.acknowledged(key, offset)
-
-            def on_error(exc: BaseException) -> None:
-                self.metrics.errors.labels(stage="publish").inc()
-                self._failure = PublishError(f"output not acknowledged: {exc!r}")
-
-            for future in futures:
-                future.add_callback(on_success)
-                future.add_errback(on_error)
-
-    def _publish_transaction(self, outcomes: list[Outcome]) -> None:
-        """Outputs and input offsets in one transaction: read_committed sees each event once."""
-        assert self.publisher is not None and self.consumer is not None
-        producer = self.publisher.producer
-        positions: dict[TopicPartitionKey, int] = {}
-        for outcome in outcomes:
-            key = (outcome.record.topic, outcome.record.partition)
-            positions[key] = max(positions.get(key, 0), outcome.record.offset + 1)
-        producer.begin_transaction()
-        try:
-            self.publisher.send(outcomes)
-            producer.send_offsets_to_transaction(
-                {
-                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                    for (t, p), o in positions.items()
-                },
-                self.consumer.group_metadata(),
-            )
-            producer.commit_transaction()
-        except Exception as exc:
-            self.metrics.commits.labels(result="failure").inc()
-            with contextlib.suppress(Exception):
-                producer.abort_transaction()
-            raise PublishError(f"transaction failed: {type(exc).__name__}: {exc}") from exc
-        self.metrics.commits.labels(result="success").inc()
-        with self._offsets_lock:
-            for outcome in outcomes:
-                key = (outcome.record.topic, outcome.record.partition)
-                self.offsets.acknowledged(key, outcome.record.offset)
-            self.offsets.committed(self.offsets.committable())
+    def _brake(self, outcome: Outcome) -> None:
+        """Only our own failures count (model, outputs, bugs): bad input is normal traffic
+        on a moderation path and must not be able to stop the worker."""
+        with self._brake_lock:
+            try:
+                if outcome.internal:
+                    self.brake.record(True)
+                elif outcome.dead_letter is None:
+                    self.brake.record(False)
+            except Exception as exc:  # noqa: BLE001 - the brake's verdict stops the worker
+                self.fail(exc)
 
     def _count(self, outcome: Outcome) -> None:
         if outcome.verdict is not None:
@@ -491,52 +547,24 @@ class Worker(ConsumerRebalanceListener):
                 stage=outcome.dead_letter.stage, reason=outcome.dead_letter.reason
             ).inc()
 
-    # -- rebalances (called on the consumer thread, inside poll) ------------------------------
+    # -- assignment (called by the rebalancer on the client's IO thread) --------------------------
 
-    def _wait_for(self, partitions: set[TopicPartitionKey], timeout_s: float) -> None:
-        deadline = self.clock() + timeout_s
-        while self._failure is None and self.clock() < deadline:
-            with self._offsets_lock:
-                busy = any(self.offsets.outstanding(tp) for tp in partitions)
-            if not busy:
-                return
-            time.sleep(0.01)
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        """Finish and commit the revoked partitions' in-flight work before letting go."""
-        gone = {(tp.topic, tp.partition) for tp in revoked}
-        if gone:
-            self.metrics.rebalances.labels(event="revoked").inc()
-            self._wait_for(gone, self.settings.max_poll_interval_ms / 2000)
-            if not self.settings.exactly_once:
-                with contextlib.suppress(Exception):
-                    self._commit(only=gone)
-        self._forget(gone)
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:
-            self.metrics.rebalances.labels(event="assigned").inc()
-        self._set_assigned(self.assigned | {(tp.topic, tp.partition) for tp in assigned})
-        if self.paused and self.consumer is not None:  # new partitions obey the pause too
-            self.consumer.pause(*self.consumer.assignment())
-
-    def on_partitions_lost(self, lost: Any) -> None:
-        """Lost, not revoked: someone else may own them already, so drop, never commit."""
-        if lost:
-            self.metrics.rebalances.labels(event="lost").inc()
-        self._forget({(tp.topic, tp.partition) for tp in lost})
-
-    def _forget(self, gone: set[TopicPartitionKey]) -> None:
-        with self._offsets_lock:
-            self.offsets.forget(gone)
-        for key in gone:
+    def _assignment(self, added: set[TopicPartitionKey], removed: set[TopicPartitionKey]) -> None:
+        for key in removed:
             self._last_consumed.pop(key, None)
-        self._set_assigned(self.assigned - gone)
-
-    def _set_assigned(self, assigned: set[TopicPartitionKey]) -> None:
+        assigned = (self.assigned | added) - removed
         for _, partition in self.assigned - assigned:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(partition))
         self.assigned = assigned
         self.metrics.assigned_partitions.set(len(assigned))
         self.health.partitions_assigned = bool(assigned)
+
+    def _with_ordering(
+        self, ordering: InOrderRelease
+    ) -> Callable[[set[TopicPartitionKey], set[TopicPartitionKey]], None]:
+        def on_change(added: set[TopicPartitionKey], removed: set[TopicPartitionKey]) -> None:
+            ordering.forget(removed)
+            self._assignment(added, removed)
+
+        return on_change

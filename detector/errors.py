@@ -14,6 +14,9 @@ class ClipguardError(Exception):
     reason: str = "error"
     #: Permanent errors go straight to the dead-letter topic; transient ones may be retried.
     permanent: bool = True
+    #: A failure of clipguard itself (model, output, bug), not of the input it was given:
+    #: only these count towards the worker's dead-letter brake.
+    internal: bool = False
 
 
 class ImageError(ClipguardError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka_fixture import create_topics, unique_topic
 
 from clipguard.consumer.config import WorkerSettings
+from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.schemas import Verdict
 from clipguard.consumer.worker import Worker, engine_from_settings
 
@@ -62,30 +62,12 @@ def worker_settings(
 @contextlib.contextmanager
 def running_worker(settings: WorkerSettings, ready_timeout: float = 60.0) -> Iterator[Worker]:
     """A worker serving on a thread, ready (warm, partitions assigned) before we go on."""
-    worker = Worker(settings, engine_from_settings(settings))
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            worker.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - surfaced to the test below
-            failures.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + ready_timeout
-    while not worker.health.ready() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert worker.health.ready(), f"worker never became ready: {failures}"
+    running = RunningWorker(Worker(settings, engine_from_settings(settings))).start()
     try:
-        yield worker
+        running.wait_ready(ready_timeout)
+        yield running.worker
     finally:
-        stop.set()
-        thread.join(timeout=60)
-        assert not thread.is_alive(), "worker did not stop"
-        if failures:
-            raise failures[0]
+        running.stop(60)
 
 
 def produce(

@@ -118,25 +118,48 @@ def test_invalid_events_have_reasons_and_ids(value: bytes, reason: str, event_id
     assert info.value.event_id == event_id
 
 
-def test_a_backlog_fills_whole_batches(tiny_checkpoint) -> None:
-    """Under a backlog every event's wait is long past; batches must still be full."""
-    from concurrent.futures import Future
+def _stage(is_current=lambda decoded: True):
+    from clipguard.consumer.health import HealthState
+    from clipguard.consumer.infer import InferenceStage
+    from clipguard.consumer.metrics import WorkerMetrics
 
-    from clipguard.consumer.config import WorkerSettings
-    from clipguard.consumer.worker import InFlight, Worker, engine_from_settings
-
-    settings = WorkerSettings(
-        checkpoint=tiny_checkpoint,
-        bootstrap_servers="127.0.0.1:9",
-        max_batch_size=8,
-        max_batch_wait_ms=5,
-        metrics_enabled=False,
-    )
     now = [1000.0]
-    worker = Worker(settings, engine_from_settings(settings), clock=lambda: now[0])
+    stage = InferenceStage(
+        judge=None,  # type: ignore[arg-type] - batching alone never calls the model
+        publisher=None,  # type: ignore[arg-type]
+        metrics=WorkerMetrics(),
+        health=HealthState(60),
+        max_batch_size=8,
+        max_batch_wait_s=0.005,
+        is_current=is_current,
+        on_outcomes=lambda outcomes: None,
+        clock=lambda: now[0],
+    )
+    return stage
+
+
+def _ready(offset: int, partition: int = 0):
+    from clipguard.consumer.judge import Decoded
+
+    return Decoded(Pending(_record(offset, p=partition), received_at=0.0), None, None, 0.0, None)
+
+
+def test_a_backlog_fills_whole_batches() -> None:
+    """Under a backlog every event's wait is long past; batches must still be full."""
+    stage = _stage()
     for offset in range(20):
-        worker._inbox.put(InFlight(Pending(_record(offset), received_at=0.0), Future()))
-    sizes = [len(worker._next_batch()) for _ in range(2)]
+        stage.put(_ready(offset))
+    sizes = [len(stage._next_batch()) for _ in range(2)]
     assert sizes == [8, 8]
-    last = worker._next_batch()  # 4 left, nothing more coming: the wait closes the batch
-    assert [item.pending.record.offset for item in last] == [16, 17, 18, 19]
+    last = stage._next_batch()  # 4 left, nothing more coming: the wait closes the batch
+    assert [d.item.record.offset for d in last] == [16, 17, 18, 19]
+    assert stage._next_batch() == []  # idle: an empty batch after the idle wait, no hang
+
+
+def test_work_of_a_revoked_partition_is_dropped_before_the_model() -> None:
+    stage = _stage(is_current=lambda d: d.item.record.partition != 1)
+    for offset in range(6):
+        stage.put(_ready(offset, partition=offset % 2))
+    batch = stage._next_batch()
+    assert [d.item.record.partition for d in batch] == [0, 0, 0]
+    assert stage.stale_dropped == 3

@@ -226,18 +226,49 @@ def test_aborted_transactions_are_invisible(kafka_bootstrap: str, tiny_checkpoin
     assert not reader.poll(timeout_ms=3000)
 
 
-def test_dead_letter_brake_stops_the_worker(kafka_bootstrap: str, tiny_checkpoint: Path) -> None:
+def test_bad_input_never_trips_the_dead_letter_brake(
+    kafka_bootstrap: str, tiny_checkpoint: Path
+) -> None:
+    """Hostile input is normal traffic on a moderation path: 60 bad events in a row with a
+    brake of 10 all become dead letters, and the worker keeps serving good ones after them."""
     topics = fresh_topics(kafka_bootstrap, partitions=1)
     settings = worker_settings(kafka_bootstrap, tiny_checkpoint, topics, dlq_max_consecutive=10)
-    placed = produce(kafka_bootstrap, topics.input, [(b"x", b"{bad json")] * 50)
-    worker = Worker(settings, engine_from_settings(settings))
-    stop = threading.Event()
+    placed = produce(kafka_bootstrap, topics.input, [(b"x", b"{bad json")] * 60)
+    placed += produce(kafka_bootstrap, topics.input, _events(5, "after"))
+    with running_worker(settings):
+        out = read_outputs(kafka_bootstrap, topics, set(placed))
+    assert set(out.covered(topics.input)) == set(placed)
+    assert len(out.dead_letters) == 60
+    assert {v.event_id for v in out.verdicts if v.error is None} == {f"after-{i}" for i in range(5)}
+
+
+def test_the_brake_stops_a_worker_whose_model_fails(
+    kafka_bootstrap: str, tiny_checkpoint: Path
+) -> None:
+    """A bad deploy (the model failing on good images) is what the brake is for: after 10
+    such failures in a row the worker stops with DeadLetterRateExceeded (exit code 3)."""
+    topics = fresh_topics(kafka_bootstrap, partitions=1)
+    settings = worker_settings(
+        kafka_bootstrap, tiny_checkpoint, topics, dlq_max_consecutive=10, max_batch_size=2
+    )
+    placed = produce(kafka_bootstrap, topics.input, _events(40, "good"))
+    engine = engine_from_settings(settings)
+    engine.warm_up()
+
+    def broken(pixels):  # fault injection: the model fails after a good warm-up
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.predict_tensors = broken  # type: ignore[method-assign]
+    worker = Worker(settings, engine)
     with pytest.raises(DeadLetterRateExceeded, match="10 dead letters in a row"):
-        worker.run(stop)
+        worker.run(threading.Event())
+    out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=5)
+    reasons = {h["clipguard.error.reason"] for _, _, h in out.dead_letters}
+    assert reasons == {"model_failed"}
     committed = sum(
         v or 0 for v in committed_offsets(kafka_bootstrap, topics.group, topics.input).values()
     )
-    assert 10 <= committed < len(placed)  # stopped early; what it did dead-letter is committed
+    assert committed < len(placed)  # stopped early, not drained into the DLQ
 
 
 def test_slow_batches_never_exceed_max_poll_interval(kafka_bootstrap: str, tmp_path: Path) -> None:
