@@ -7,10 +7,10 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 
-from clipguard.cli.common import EXIT_INTERRUPTED, EXIT_OK, add_flag, flag_values
+from clipguard.cli.common import EXIT_INTERRUPTED, EXIT_OK, flag_values
+from clipguard.cli.settings_flags import add_settings_flags
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker, engine_from_settings
@@ -28,67 +28,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+#: Help for the flags people reach for first; every other setting has its flag too.
+SERVE_HELP = {
+    "checkpoint": "checkpoint directory or .safetensors",
+    "bootstrap_servers": "HOST:PORT[,HOST:PORT...]",
+    "group_instance_id": "static membership id (enables cooperative-sticky assignment)",
+    "max_batch_size": "events per inference batch",
+    "max_batch_wait_ms": "a batch closes this long after its first event",
+    "device": "auto, cpu, cuda, cuda:N",
+    "decode_workers": "decode threads (default: one per core)",
+    "fetch_workers": "threads fetching image URLs",
+    "fetch_deadline_s": "one event's URL fetch, all retries included",
+    "max_inflight": "uncommitted-events cap, at least --max-batch-size; partitions pause above it",
+    "exactly_once": "Kafka transactions for outputs and offsets",
+    "file_root": "allow file:// image URLs under this directory",
+    "fetch_allow_cidrs": "ranges the SSRF guard would refuse that may be fetched, comma-separated",
+    "review_at": "override the checkpoint's review threshold",
+    "block_at": "override the checkpoint's block threshold",
+    "broker_retry_timeout_s": "keep retrying an unreachable broker this long, then exit 4",
+    "stall_timeout_s": "a worker loop stuck this long fails /livez",
+    "assignment_timeout_s": "no partitions and no stable group this long fails /livez",
+    "max_output_bytes": "cap on one output record (default: producer and topic limits)",
+}
+
+
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--checkpoint", type=Path, help="checkpoint directory or .safetensors")
-    add_flag(parser, "--bootstrap-servers", dest="bootstrap_servers", help="HOST:PORT[,...]")
-    add_flag(parser, "--input-topic", dest="input_topic", help="default: uploads")
-    add_flag(parser, "--output-topic", dest="output_topic", help="default: verdicts")
-    add_flag(parser, "--dlq-topic", dest="dlq_topic", help="default: uploads.dlq")
-    add_flag(parser, "--group-id", dest="group_id", help="default: clipguard")
-    add_flag(
-        parser,
-        "--group-instance-id",
-        dest="group_instance_id",
-        help="static membership id (enables cooperative-sticky assignment)",
-    )
-    add_flag(parser, "--metrics-port", dest="metrics_port", type=int, help="default: 9400")
-    add_flag(parser, "--max-batch-size", dest="max_batch_size", type=int, help="default: 32")
-    add_flag(parser, "--max-batch-wait-ms", dest="max_batch_wait_ms", type=int, help="default: 20")
-    add_flag(parser, "--max-poll-interval-ms", dest="max_poll_interval_ms", type=int)
-    add_flag(parser, "--device", help="auto, cpu, cuda, cuda:N")
-    add_flag(
-        parser,
-        "--decode-workers",
-        dest="decode_workers",
-        type=int,
-        help="decode threads (default: one per core)",
-    )
-    add_flag(
-        parser,
-        "--max-inflight",
-        dest="max_inflight",
-        type=int,
-        help="consumed-but-uncommitted cap; partitions pause above it (default 256)",
-    )
-    parser.add_argument(
-        "--exactly-once",
-        dest="exactly_once",
-        action="store_const",
-        const=True,
-        default=None,
-        help="Kafka transactions for outputs and offsets",
-    )
-    add_flag(
-        parser,
-        "--file-root",
-        dest="file_root",
-        type=Path,
-        help="allow file:// image URLs under this directory",
-    )
-    add_flag(
-        parser,
-        "--review-at",
-        dest="review_at",
-        type=float,
-        help="override the checkpoint's review threshold",
-    )
-    add_flag(
-        parser,
-        "--block-at",
-        dest="block_at",
-        type=float,
-        help="override the checkpoint's block threshold",
-    )
+    add_settings_flags(parser, WorkerSettings, SERVE_HELP)
     parser.add_argument("--config", help="TOML file with settings")
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -112,11 +113,18 @@ class SettingsError(Exception):
     def from_validation(cls, exc: ValidationError) -> SettingsError:
         problems = []
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]) or "settings"
-            flag = "--" + name.replace("_", "-")
-            env = "CLIPGUARD_" + name.upper()
-            problems.append(f"invalid setting {name} ({flag} / {env}): {error['msg']}")
+            name = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if name:
+                problems.append(f"invalid setting {setting_name(name)}: {message}")
+            else:  # a rule across several settings: its message names each of them
+                problems.append(f"invalid settings: {message}")
         return cls(problems)
+
+
+def setting_name(name: str) -> str:
+    """``max_inflight (--max-inflight / CLIPGUARD_MAX_INFLIGHT)``: how users can set it."""
+    return f"{name} (--{name.replace('_', '-')} / CLIPGUARD_{name.upper()})"
 
 
 class KafkaSettings(ClipguardSettings):
@@ -221,7 +229,7 @@ class WorkerSettings(KafkaSettings):
 
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    image_formats: tuple[str, ...] = DEFAULT_FORMATS
+    image_formats: Annotated[tuple[str, ...], NoDecode] = DEFAULT_FORMATS
     file_root: Path | None = None
 
     # Image fetching over http(s) (DESIGN.md "Images"); the byte cap is max_image_bytes.
@@ -231,10 +239,11 @@ class WorkerSettings(KafkaSettings):
     #: One attempt, redirects included: connect, TLS, headers and body must all fit.
     fetch_total_timeout_s: float = Field(default=10.0, gt=0, le=300)
     fetch_max_redirects: int = Field(default=3, ge=0, le=10)
-    #: Ranges the SSRF guard would refuse but this deployment may fetch from.
-    fetch_allow_cidrs: tuple[str, ...] = ()
+    #: Ranges the SSRF guard would refuse but this deployment may fetch from
+    #: (``10.0.0.0/8,fd00::/8``: comma-separated in flags and variables, or a TOML list).
+    fetch_allow_cidrs: Annotated[tuple[str, ...], NoDecode] = ()
     #: When non-empty, only these hosts (``cdn.example.com``, ``*.example.com``) are fetched.
-    fetch_allow_hosts: tuple[str, ...] = ()
+    fetch_allow_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     #: Extra attempts after a transient failure (timeout, reset, 5xx, 429); 0 = none.
     fetch_retries: int = Field(default=2, ge=0, le=10)
     #: Backoff before retry n: min(max, base * 2**(n-1)), jittered into its upper half.
@@ -251,7 +260,7 @@ class WorkerSettings(KafkaSettings):
             raise ValueError(f"{value!r} is not a valid Kafka name")
         return value
 
-    @field_validator("fetch_allow_cidrs", "fetch_allow_hosts", mode="before")
+    @field_validator("fetch_allow_cidrs", "fetch_allow_hosts", "image_formats", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         """Also accept ``"a,b"`` (flags, TOML strings) besides a list."""
@@ -271,13 +280,29 @@ class WorkerSettings(KafkaSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkerSettings:
+        n = setting_name
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
-            raise ValueError("input, output and dead-letter topics must all differ")
+            raise ValueError(
+                f"{n('input_topic')}, {n('output_topic')} and {n('dlq_topic')} must all differ"
+            )
         if self.max_inflight < self.max_batch_size:
-            raise ValueError("max_inflight must be at least max_batch_size")
+            raise ValueError(
+                f"{n('max_inflight')} = {self.max_inflight} must be at least "
+                f"{n('max_batch_size')} = {self.max_batch_size}"
+            )
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
-            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+            raise ValueError(
+                f"{n('heartbeat_interval_ms')} = {self.heartbeat_interval_ms} must be below "
+                f"{n('session_timeout_ms')} = {self.session_timeout_ms}"
+            )
         review, block = self.review_at, self.block_at
         if review is not None and block is not None and review > block:
-            raise ValueError("review_at must not exceed block_at")
+            raise ValueError(
+                f"{n('review_at')} = {review} must not exceed {n('block_at')} = {block}"
+            )
+        if self.exactly_once and self.partition_assignment != "range":
+            raise ValueError(
+                f"{n('exactly_once')} needs {n('partition_assignment')} = range: a transaction "
+                "is aborted on every rebalance, which must then revoke every partition"
+            )
         return self

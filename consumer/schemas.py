@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -15,8 +16,8 @@ class UploadEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
-    event_id: str = Field(min_length=1, max_length=512)
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, strict=True)
+    event_id: str = Field(min_length=1, max_length=512, strict=True)
     image_b64: str | None = None
     image_url: str | None = Field(default=None, max_length=8192)
     content_type: str | None = None
@@ -31,6 +32,8 @@ class UploadEvent(BaseModel):
             )
         if (self.image_b64 is None) == (self.image_url is None):
             raise ValueError("exactly one of image_b64 and image_url must be set")
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in self.event_id):
+            raise ValueError("event_id must not contain control characters")
         return self
 
 

@@ -108,7 +108,15 @@ def test_raw_bytes_use_the_key_as_event_id() -> None:
             "x",
         ),
         (b"", "empty", "k"),
-        (b"[1, 2]", "schema", "k"),
+        (b"[1, 2]", "not_an_object", "k"),
+        (b"42", "not_an_object", "k"),
+        (b"null", "not_an_object", "k"),
+        (b"[" * 100_000 + b"]" * 100_000, "too_deep", "k"),
+        (b'{"event_id": "e", "image_b64": ""}', "empty_image", "e"),
+        (b'{"schema_version": "1", "event_id": "e", "image_b64": "aGk="}', "schema", "e"),
+        (b'{"schema_version": true, "event_id": "e", "image_b64": "aGk="}', "schema", "e"),
+        (b'{"event_id": 12345, "image_b64": "aGk="}', "schema", "k"),
+        (b'{"event_id": "a\\u0000b", "image_b64": "aGk="}', "schema", "k"),
     ],
 )
 def test_invalid_events_have_reasons_and_ids(value: bytes, reason: str, event_id: str | None):
@@ -142,6 +150,20 @@ def _ready(offset: int, partition: int = 0):
     from clipguard.consumer.judge import Decoded
 
     return Decoded(Pending(_record(offset, p=partition), received_at=0.0), None, None, 0.0, None)
+
+
+def test_bom_and_utf16_json_are_events() -> None:
+    event = {"event_id": "bom", "image_b64": base64.b64encode(b"hi").decode()}
+    for value in (b"\xef\xbb\xbf" + json.dumps(event).encode(), json.dumps(event).encode("utf-16")):
+        upload = parse_record(_record(0, value))
+        assert upload.event_id == "bom" and upload.image_bytes == b"hi"
+
+
+@pytest.mark.parametrize("key", [b"x" * (1 << 20), b"a\x00b", b"line\nbreak"])
+def test_raw_messages_with_unusable_keys_are_refused(key: bytes) -> None:
+    with pytest.raises(InvalidEventError) as info:
+        parse_record(_record(0, b"\xff\xd8\xff\xe0 raw jpeg", key=key))
+    assert info.value.reason == "bad_key" and info.value.event_id is None
 
 
 def test_a_backlog_fills_whole_batches() -> None:
