@@ -8,7 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from clipguard.cli import bench, broker, demo, predict, produce, serve, train
+from clipguard.bench import command as bench
+from clipguard.cli import broker, demo, predict, produce, serve, train
 from clipguard.cli import eval as evaluate
 from clipguard.cli.common import (
     EXIT_BROKER_UNAVAILABLE,

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from clipguard.cli.bench_mix import parse_size, zoo_mix
-from clipguard.cli.bench_report import derive, table
-from clipguard.cli.bench_worker import percentile
+from clipguard.bench.mix import parse_size, zoo_mix
+from clipguard.bench.report import derive, table
+from clipguard.bench.worker import percentile
 from clipguard.cli.main import main
 
 SECTIONS = ("machine", "config", "stages", "limit", "worker", "efficiency", "naive", "batching")

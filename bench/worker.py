@@ -23,9 +23,9 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from clipguard.cli.bench_mix import ImageMix
-from clipguard.cli.bench_probe import RssSampler, Span, rss_bytes
-from clipguard.cli.bench_stages import BenchError, fill_topic, load_producer
+from clipguard.bench.mix import ImageMix
+from clipguard.bench.probe import RssSampler, Span, rss_bytes
+from clipguard.bench.stages import BenchError, fill_topic, load_producer
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker

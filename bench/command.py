@@ -24,18 +24,18 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from clipguard.cli.bench_mix import ImageMix, large_mix, parse_size, zoo_mix
-from clipguard.cli.bench_naive import measure_naive
-from clipguard.cli.bench_probe import cores, source_commit
-from clipguard.cli.bench_report import derive, table
-from clipguard.cli.bench_stages import (
+from clipguard.bench.mix import ImageMix, large_mix, parse_size, zoo_mix
+from clipguard.bench.naive import measure_naive
+from clipguard.bench.probe import cores, source_commit
+from clipguard.bench.report import derive, table
+from clipguard.bench.stages import (
     kafka_crc_mode,
     measure_broker,
     measure_decode,
     measure_model,
     model_batch,
 )
-from clipguard.cli.bench_worker import (
+from clipguard.bench.worker import (
     BenchEnv,
     fresh_topics,
     inflight_cap,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from clipguard.cli.bench_mix import ImageMix
-from clipguard.cli.bench_probe import Span, cores
+from clipguard.bench.mix import ImageMix
+from clipguard.bench.probe import Span, cores
 from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import InferenceEngine
 from clipguard.detector.errors import ClipguardError

@@ -13,10 +13,10 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from clipguard.cli.bench_mix import ImageMix
-from clipguard.cli.bench_probe import Span
-from clipguard.cli.bench_stages import BenchError, load_producer
-from clipguard.cli.bench_worker import BenchEnv, fresh_topics, produce_all
+from clipguard.bench.mix import ImageMix
+from clipguard.bench.probe import Span
+from clipguard.bench.stages import BenchError, load_producer
+from clipguard.bench.worker import BenchEnv, fresh_topics, produce_all
 from clipguard.consumer.batching import Pending
 from clipguard.consumer.judge import Judge
 from clipguard.consumer.metrics import WorkerMetrics
