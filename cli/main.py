@@ -22,6 +22,7 @@ from clipguard.cli.common import (
 from clipguard.consumer.config import SettingsError
 from clipguard.consumer.errors import BrokerUnavailableError, DeadLetterRateExceeded
 from clipguard.detector.errors import ClipguardError
+from clipguard.provenance import ProvenanceConfigError
 
 log = logging.getLogger("clipguard")
 
@@ -53,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeadLetterRateExceeded as exc:
         print(f"clipguard {args.command}: {exc}", file=sys.stderr)
         return EXIT_DEAD_LETTER_BRAKE
+    except ProvenanceConfigError as exc:
+        print(f"clipguard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokerUnavailableError as exc:
         print(f"clipguard {args.command}: {exc}", file=sys.stderr)
         return EXIT_BROKER_UNAVAILABLE

@@ -24,6 +24,7 @@ from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.errors import ImageError, ImageTooLargeError
 from clipguard.detector.policy import Policy
 from clipguard.detector.preprocess import preprocess
+from clipguard.provenance import Evidence, ProvenanceReader, ProvenanceSettings, combine
 
 
 class PredictSettings(ClipguardSettings):
@@ -35,6 +36,24 @@ class PredictSettings(ClipguardSettings):
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     review_at: float | None = Field(default=None, ge=0.0, le=1.0)
     block_at: float | None = Field(default=None, ge=0.0, le=1.0)
+    provenance_enabled: bool = True
+    c2pa_trust_anchors: Path | None = None
+    hash_list: Path | None = None
+    hash_list_threshold: int = Field(default=31, ge=0, le=256)
+
+    def provenance(self) -> ProvenanceReader | None:
+        if not self.provenance_enabled:
+            return None
+        return ProvenanceReader(
+            ProvenanceSettings(
+                c2pa_trust_anchors=self.c2pa_trust_anchors,
+                hash_list=self.hash_list,
+                hash_list_threshold=self.hash_list_threshold,
+            )
+        )
+
+
+Prepared = tuple[Path, torch.Tensor | None, dict[str, Any] | None, tuple[Evidence, ...]]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +70,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--max-image-pixels", dest="max_image_pixels", type=int)
     add_flag(parser, "--review-at", dest="review_at", type=float)
     add_flag(parser, "--block-at", dest="block_at", type=float)
+    add_flag(parser, "--c2pa-trust-anchors", dest="c2pa_trust_anchors", type=Path)
+    add_flag(parser, "--hash-list", dest="hash_list", type=Path)
+    parser.add_argument(
+        "--no-provenance",
+        dest="provenance_enabled",
+        action="store_const",
+        const=False,
+        default=None,
+        help="skip Content Credentials, metadata and hash lists (classifier only)",
+    )
     parser.add_argument("--config", help="TOML file with settings")
     parser.add_argument("paths", nargs="+", metavar="FILES_OR_DIRS")
     parser.set_defaults(func=run)
@@ -78,14 +107,19 @@ def _error_line(path: Path, error: Exception) -> dict[str, Any]:
 
 
 def _prepared(
-    paths: Iterator[Path], engine: InferenceEngine, limits: DecodeLimits
-) -> Iterator[tuple[Path, torch.Tensor | None, dict[str, Any] | None]]:
+    paths: Iterator[Path],
+    engine: InferenceEngine,
+    limits: DecodeLimits,
+    reader: ProvenanceReader | None,
+) -> Iterator[Prepared]:
     for path in paths:
         try:
-            image = decode_image(_read(path, limits), limits)
-            yield path, preprocess(image, engine.manifest.preprocess), None
+            data = _read(path, limits)
+            image = decode_image(data, limits)
+            evidence = tuple(reader.read(data, image)) if reader is not None else ()
+            yield path, preprocess(image, engine.manifest.preprocess), None, evidence
         except (ImageError, OSError) as exc:
-            yield path, None, _error_line(path, exc)
+            yield path, None, _error_line(path, exc), ()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,33 +138,42 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=settings.max_image_pixels,
         formats=settings.image_formats,
     )
+    reader = settings.provenance()
     failures = 0
-    pending: list[tuple[Path, torch.Tensor | None, dict[str, Any] | None]] = []
+    pending: list[Prepared] = []
 
     def flush() -> None:
         """Print the pending files in input order: errors as they were, images judged."""
-        tensors = [pixels for _, pixels, _ in pending if pixels is not None]
+        tensors = [pixels for _, pixels, _, _ in pending if pixels is not None]
         predictions = iter(engine.predict_tensors(torch.stack(tensors)) if tensors else [])
-        for path, pixels, error in pending:
+        for path, pixels, error, evidence in pending:
             if pixels is None:
                 print_json(error)
                 continue
             prediction = next(predictions)
+            outcome = combine(
+                policy.decide(prediction.ai_score),
+                evidence,
+                label=prediction.label,
+                source=prediction.source,
+            )
             print_json(
                 {
                     "path": str(path),
-                    "label": prediction.label,
+                    "label": outcome.label,
                     "ai_score": round(prediction.ai_score, 6),
-                    "decision": policy.decide(prediction.ai_score).value,
-                    "source": prediction.source,
+                    "decision": outcome.decision.value,
+                    "decided_by": outcome.decided_by,
+                    "source": outcome.source,
                     "source_scores": prediction.source_scores,
+                    "evidence": [e.model_dump() for e in evidence],
                 }
             )
         pending.clear()
 
-    for path, pixels, error in _prepared(iter_files(args.paths), engine, limits):
-        failures += error is not None
-        pending.append((path, pixels, error))
+    for prepared in _prepared(iter_files(args.paths), engine, limits, reader):
+        failures += prepared[2] is not None
+        pending.append(prepared)
         if len(pending) >= settings.batch_size:
             flush()
     flush()

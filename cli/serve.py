@@ -14,6 +14,7 @@ from clipguard.cli.settings_flags import add_settings_flags
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker, engine_from_settings
+from clipguard.provenance import ProvenanceReader
 
 log = logging.getLogger("clipguard.serve")
 
@@ -49,12 +50,24 @@ SERVE_HELP = {
     "stall_timeout_s": "a worker loop stuck this long fails /livez",
     "assignment_timeout_s": "no partitions and no stable group this long fails /livez",
     "max_output_bytes": "cap on one output record (default: producer and topic limits)",
+    "c2pa_trust_anchors": "PEM of C2PA trust anchors; without it no Content Credential is trusted",
+    "hash_list": "PDQ hash list (<hex> <ai_generated|real> [generator] per line); SIGHUP reloads",
 }
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add_settings_flags(parser, WorkerSettings, SERVE_HELP)
     parser.add_argument("--config", help="TOML file with settings")
+
+
+def _reload(reader: ProvenanceReader) -> None:
+    """SIGHUP: re-read the hash list; a bad file keeps the old list in force."""
+    try:
+        count = reader.reload()
+    except Exception as exc:  # noqa: BLE001 - a bad list must not stop moderation
+        log.error("hash list not reloaded, the old one stays in force: %s", exc)
+        return
+    log.info("hash list reloaded: %s entries", count)
 
 
 class StopOnSignal:
@@ -94,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         engine.manifest.version,
         engine.device,
     )
+    reader = worker.judge.provenance
+    if reader is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: _reload(reader))
     running = RunningWorker(worker, stopper.stop).start()
     while running.alive():  # the main thread stays free for signals
         running.join(0.5)

@@ -30,6 +30,7 @@ from typing_extensions import Self
 
 from clipguard.consumer.netguard import parse_cidrs, parse_host_patterns
 from clipguard.detector.decode import DEFAULT_FORMATS
+from clipguard.provenance import ProvenanceSettings
 
 
 def _must_exist(path: Path) -> Path:
@@ -252,6 +253,25 @@ class WorkerSettings(KafkaSettings):
 
     review_at: float | None = Field(default=None, ge=0.0, le=1.0)
     block_at: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    # Provenance evidence beside the classifier (docs/provenance.md).
+    #: Read Content Credentials, XMP/IPTC, EXIF and generator text of every upload.
+    provenance_enabled: bool = True
+    #: PEM file of C2PA trust anchors; without it no Content Credential is trusted.
+    c2pa_trust_anchors: Path | None = None
+    #: Operator list of PDQ hashes (``<hex> <ai_generated|real> [generator]`` per line);
+    #: reloaded when the file changes or on SIGHUP.
+    hash_list: Path | None = None
+    #: PDQ Hamming distance (of 256 bits) at or under which an upload matches the list.
+    hash_list_threshold: int = Field(default=31, ge=0, le=256)
+
+    def provenance(self) -> ProvenanceSettings:
+        return ProvenanceSettings(
+            c2pa_trust_anchors=self.c2pa_trust_anchors,
+            hash_list=self.hash_list,
+            hash_list_threshold=self.hash_list_threshold,
+            max_bytes=max(self.max_image_bytes, 1),
+        )
 
     @field_validator("input_topic", "output_topic", "dlq_topic", "group_id")
     @classmethod

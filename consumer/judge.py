@@ -15,13 +15,14 @@ from clipguard.consumer.errors import InvalidEventError
 from clipguard.consumer.metrics import WorkerMetrics
 from clipguard.consumer.outcomes import Outcome, event_time, failure, input_ref
 from clipguard.consumer.records import Upload, parse_record
-from clipguard.consumer.schemas import ModelRef, PolicyRef, Verdict
+from clipguard.consumer.schemas import EvidenceRef, ModelRef, PolicyRef, Verdict
 from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import InferenceEngine, Prediction
 from clipguard.detector.errors import ClipguardError
-from clipguard.detector.policy import Policy
+from clipguard.detector.policy import Decision, Policy
 from clipguard.detector.preprocess import preprocess
+from clipguard.provenance import Evidence, ProvenanceReader, combine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Decoded:
     pixels: torch.Tensor | None
     decode_s: float
     failure: Outcome | None
+    #: Provenance read from the original bytes in the decode stage (docs/provenance.md).
+    evidence: tuple[Evidence, ...] = ()
 
 
 def utc_now() -> datetime:
@@ -71,8 +74,10 @@ class Judge:
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: WallClock = utc_now,
+        provenance: ProvenanceReader | None = None,
     ) -> None:
         self.engine = engine
+        self.provenance = provenance
         self.policy = policy
         self.limits = limits
         self.sources = sources
@@ -124,7 +129,12 @@ class Judge:
         except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome
             return self.failed(item, exc, upload)
         self.metrics.decode_seconds.observe(decode_s)
-        return Decoded(item, upload, pixels, decode_s, None)
+        evidence: tuple[Evidence, ...] = ()
+        if self.provenance is not None:  # never raises, bounded in time by its own budget
+            evidence = tuple(self.provenance.read(image_bytes, image))
+            for found in evidence:
+                self.metrics.evidence.labels(kind=found.kind, claim=found.claim).inc()
+        return Decoded(item, upload, pixels, decode_s, None, evidence)
 
     def failed(self, item: Pending, exc: BaseException, upload: Upload | None) -> Decoded:
         """Any exception met while preparing ``item``, as its failure outcome."""
@@ -179,7 +189,7 @@ class Judge:
                 "inference": inference_s * 1000,
                 "total": (self.clock() - d.item.received_at) * 1000,
             }
-            verdict = self._verdict(d.item, d.upload, next(by_position), timings)
+            verdict = self._verdict(d, next(by_position), timings)
             outcomes.append(
                 Outcome(
                     d.item.record,
@@ -197,22 +207,31 @@ class Judge:
         """Both stages on the calling thread (the naive path, and tests)."""
         return self.finish([self.prepare(item) for item in batch])
 
-    def _verdict(
-        self, item: Pending, upload: Upload, prediction: Prediction, timings: dict[str, float]
-    ) -> Verdict:
+    def _verdict(self, d: Decoded, prediction: Prediction, timings: dict[str, float]) -> Verdict:
+        """The classifier's decision, combined with the provenance evidence when there is some."""
+        assert d.upload is not None
+        decision = self.policy.decide(prediction.ai_score)
+        label, source, decided_by = prediction.label, prediction.source, "classifier"
+        if d.evidence:
+            combined = combine(decision, d.evidence, label=label, source=source)
+            decision, label, source = combined.decision, combined.label, combined.source
+            decided_by = combined.decided_by
+        self.metrics.decided_by.labels(decided_by=decided_by).inc()
         return Verdict(
-            event_id=upload.event_id,
-            decision=self.policy.decide(prediction.ai_score).value,
-            label=prediction.label,
+            event_id=d.upload.event_id,
+            decision=Decision(decision).value,
+            label=label,
             ai_score=round(prediction.ai_score, 6),
-            source=prediction.source,
+            source=source,
             source_scores=prediction.source_scores,
             model=self.model_ref,
             policy=self.policy_ref,
-            input=input_ref(item.record),
+            input=input_ref(d.item.record),
             timings_ms={name: round(value, 3) for name, value in timings.items()},
             decided_at=self.wall_clock(),
-            metadata=upload.metadata,
+            metadata=d.upload.metadata,
+            evidence=[EvidenceRef(**e.model_dump()) for e in d.evidence],
+            decided_by=decided_by,
         )
 
 

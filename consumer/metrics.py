@@ -37,6 +37,8 @@ METRIC_DEFS: dict[str, tuple[str, tuple[str, ...]]] = {
     "consumer_lag": ("gauge", ("partition",)),
     "model_info": ("gauge", ("name", "version", "device", "dtype")),
     "ready": ("gauge", ()),
+    "evidence": ("counter", ("kind", "claim")),
+    "decided_by": ("counter", ("decided_by",)),
 }
 
 
@@ -119,3 +121,15 @@ class WorkerMetrics:
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the worker can take traffic.", registry=r)
+        self.evidence = Counter(
+            p + "evidence",
+            "Provenance evidence found in uploads (docs/provenance.md).",
+            ["kind", "claim"],
+            registry=r,
+        )
+        self.decided_by = Counter(
+            p + "decided_by",
+            "Verdict decisions by what made them: classifier, provenance or hash list.",
+            ["decided_by"],
+            registry=r,
+        )

@@ -85,6 +85,7 @@ def failure(
             decided_at=decided_at,
             metadata=metadata or {},
             error=ErrorInfo(stage=error.stage, reason=error.reason, message=message[:500]),
+            decided_by=None,
         )
     return Outcome(record, verdict, dead_letter, event_time(record, None), internal=error.internal)
 

@@ -54,6 +54,16 @@ class PolicyRef(BaseModel):
     block_at: float
 
 
+class EvidenceRef(BaseModel):
+    """One piece of provenance evidence (docs/provenance.md), as the verdict carries it."""
+
+    kind: str
+    claim: str
+    generator: str | None = None
+    trusted: bool = False
+    detail: str = ""
+
+
 class ErrorInfo(BaseModel):
     stage: str
     reason: str
@@ -84,6 +94,10 @@ class Verdict(BaseModel):
     decided_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
+    #: Provenance read from the upload's bytes (empty when none was found or read).
+    evidence: list[EvidenceRef] = Field(default_factory=list)
+    #: What set ``decision``: the classifier, trusted provenance, or an operator hash list.
+    decided_by: Literal["classifier", "provenance", "hash_list"] | None = "classifier"
 
     @field_serializer("decided_at")
     def _serialize_time(self, value: datetime) -> str:

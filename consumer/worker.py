@@ -58,6 +58,7 @@ from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.policy import Policy
+from clipguard.provenance import ProvenanceReader
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,9 @@ class Worker:
             ImageSources.from_settings(settings),
             self.metrics,
             clock,
+            provenance=ProvenanceReader(settings.provenance())
+            if settings.provenance_enabled
+            else None,
         )
         self.brake = DeadLetterBrake(
             DeadLetterLimit(
