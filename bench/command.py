@@ -322,6 +322,41 @@ def _header(settings: BenchSettings, engine: InferenceEngine, mix: ImageMix) -> 
     }
 
 
+def measure_precision(
+    engine: InferenceEngine, checkpoint: Path, settings: BenchSettings, mix: ImageMix
+) -> dict[str, Any]:
+    """Model-only images/s in fp32 and bf16 side by side, and how far their scores differ
+    on the mix: what ``dtype=auto`` decided, and what the other choice would have given."""
+    batch = model_batch(mix, engine.manifest.preprocess, settings.batch_size)
+    rates: dict[str, float] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for dtype in ("float32", "bfloat16"):
+        note(f"model only in {dtype} (precision comparison)")
+        other = InferenceEngine.from_checkpoint(
+            checkpoint,
+            EngineConfig(
+                device="cpu",
+                dtype=dtype,
+                max_batch_size=settings.batch_size,
+                threads=default_torch_threads("cpu", settings.threads),
+            ),
+        )
+        if str(other.dtype).removeprefix("torch.") != dtype:
+            return {"skipped": f"{dtype} fell back ({other.dtype_reason})"}
+        rates[dtype] = measure_model(other, batch, settings.duration)["images_per_s"]
+        scores[dtype] = other.scores(batch)[0]
+    delta = (scores["bfloat16"] - scores["float32"]).abs()
+    return {
+        "chosen": str(engine.dtype).removeprefix("torch."),
+        "reason": engine.dtype_reason,
+        "float32_images_per_s": rates["float32"],
+        "bfloat16_images_per_s": rates["bfloat16"],
+        "bf16_speedup": rates["bfloat16"] / rates["float32"],
+        "max_abs_delta_ai_score": float(delta.max()),
+        "p99_abs_delta_ai_score": float(torch.quantile(delta, 0.99)),
+    }
+
+
 def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     engine = InferenceEngine.from_checkpoint(
         checkpoint,
@@ -346,6 +381,8 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
         engine, model_batch(mix, cfg, settings.batch_size), settings.duration
     )
     note(f"  {stages['model']['images_per_s']:.1f} images/s")
+    if engine.device.type == "cpu":
+        report["precision"] = measure_precision(engine, checkpoint, settings, mix)
     note(f"decode+preprocess: one thread for {settings.duration:g}s")
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
     note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")

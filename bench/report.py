@@ -98,6 +98,18 @@ def table(report: dict[str, Any]) -> str:
             f"{_rate(noise['model_images_per_s_at_end'])} images/s ({noise['drift']:+.0%}, "
             "other load on the machine): the better one counts"
         )
+    precision = report.get("precision")
+    if precision and "skipped" not in precision:
+        lines.append(
+            f"{'    fp32 / bf16 weights':<30}{'':>10}  "
+            f"{_rate(precision['float32_images_per_s'])} / "
+            f"{_rate(precision['bfloat16_images_per_s'])} images/s "
+            f"(bf16 {precision['bf16_speedup']:.2f}x, |delta ai_score| p99 "
+            f"{precision['p99_abs_delta_ai_score']:.4f}); auto chose {precision['chosen']} "
+            f"({precision['reason']})"
+        )
+    elif precision:
+        lines.append(f"{'    fp32 / bf16 weights':<30}{'':>10}  {precision['skipped']}")
     lines += [
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "

@@ -35,7 +35,7 @@ METRIC_DEFS: dict[str, tuple[str, tuple[str, ...]]] = {
     "assigned_partitions": ("gauge", ()),
     "paused_partitions": ("gauge", ()),
     "consumer_lag": ("gauge", ("partition",)),
-    "model_info": ("gauge", ("name", "version", "device", "dtype")),
+    "model_info": ("gauge", ("name", "version", "device", "dtype", "dtype_reason")),
     "ready": ("gauge", ()),
     "evidence": ("counter", ("kind", "claim")),
     "decided_by": ("counter", ("decided_by",)),
@@ -117,7 +117,7 @@ class WorkerMetrics:
         self.model_info = Gauge(
             p + "model_info",
             "The loaded model (value is always 1).",
-            ["name", "version", "device", "dtype"],
+            ["name", "version", "device", "dtype", "dtype_reason"],
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the worker can take traffic.", registry=r)

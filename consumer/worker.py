@@ -250,6 +250,7 @@ class Worker:
             version=self.engine.manifest.version,
             device=str(self.engine.device),
             dtype=str(self.engine.dtype).removeprefix("torch."),
+            dtype_reason=self.engine.dtype_reason,
         ).set(1)
         probe = BrokerProbe(settings.client_kwargs(), self.health)
         producer = self._connect("producer", lambda: make_producer(settings), stop)
@@ -267,7 +268,10 @@ class Worker:
                 return
             self.consumer = consumer
             fitter = OutputFitter(
-                settings.output_topic, settings.dlq_topic, self._output_limit(probe)
+                settings.output_topic,
+                settings.dlq_topic,
+                self._output_limit(probe),
+                settings.forward_headers,
             )
             probe.start()
             committer, transaction = self._committer(consumer, producer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -14,14 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.detector.checkpoint import Manifest, load_checkpoint
 from clipguard.detector.heads import Detector
+from clipguard.detector.precision import (
+    MAX_SCORE_DELTA,
+    PrecisionChoice,
+    agreement,
+    choose_cpu_dtype,
+)
 from clipguard.detector.preprocess import PreprocessConfig, preprocess_batch
+
+log = logging.getLogger(__name__)
 
 AI_LABEL = "ai_generated"
 REAL_LABEL = "real"
 
 
 class EngineConfig(BaseModel):
-    """Where and how the model runs. ``auto`` picks CUDA when present, fp16 on it."""
+    """Where and how the model runs. ``auto`` picks CUDA when present, fp16 on it; on the CPU
+    bfloat16 where it is measured faster and agrees with fp32, else fp32."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,11 +64,30 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Reduced precision only where it pays: on CUDA. CPU stays fp32 for exact scores."""
+def resolve_dtype(
+    requested: str, device: torch.device, model: torch.nn.Module, manifest: Manifest
+) -> PrecisionChoice:
+    """fp16 autocast on CUDA; on the CPU bf16 only where it is measured to pay and agree
+    (:mod:`clipguard.detector.precision`); an explicit request is honoured, but a reduced
+    precision on the CPU that disagrees with fp32 falls back to fp32 with a warning."""
+    size = manifest.preprocess.image_size
+    temperature = manifest.calibration.temperature
     if requested == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, requested)
+        if device.type == "cuda":
+            return PrecisionChoice(torch.float16, "cuda_fp16")
+        return choose_cpu_dtype(model, size, temperature)
+    dtype = getattr(torch, requested)
+    if device.type == "cpu" and dtype != torch.float32:
+        delta = agreement(model, dtype, size, temperature)
+        if delta > MAX_SCORE_DELTA:
+            log.warning(
+                "%s disagrees with fp32 by %.4f (> %g) on the probe images: using float32",
+                requested,
+                delta,
+                MAX_SCORE_DELTA,
+            )
+            return PrecisionChoice(torch.float32, "bf16_disagrees", f"max delta {delta:.4f}")
+    return PrecisionChoice(dtype, "requested")
 
 
 class InferenceEngine:
@@ -68,10 +97,20 @@ class InferenceEngine:
         self.config = config or EngineConfig()
         self.manifest = manifest
         self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self.model = detector.eval().to(self.device)
+        choice = resolve_dtype(self.config.dtype, self.device, self.model, manifest)
+        self.dtype, self.dtype_reason = choice.dtype, choice.reason
+        log.info(
+            "model runs in %s on %s (%s%s)",
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            choice.reason,
+            f": {choice.detail}" if choice.detail else "",
+        )
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            self.model = self.model.to(self.dtype)  # weights and inputs, never CPU autocast
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.temperature = manifest.calibration.temperature
@@ -142,6 +181,8 @@ class InferenceEngine:
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         else:
             chunk = chunk.to(self.device)
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            chunk = chunk.to(self.dtype)
         if self.config.channels_last:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         out = self.model(chunk)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from clipguard.detector import EngineConfig, InferenceEngine, Policy, PreprocessConfig
 from clipguard.detector.policy import Decision
+from clipguard.detector.precision import REASONS
 from clipguard.detector.preprocess import fit, preprocess
 
 
@@ -61,12 +62,15 @@ def test_batch_equals_single(tiny_checkpoint: Path) -> None:
             assert a.source_scores[name] == pytest.approx(b.source_scores[name], abs=1e-5)
 
 
-def test_engine_picks_cpu_fp32_here_and_warms_up(tiny_checkpoint: Path) -> None:
+def test_engine_picks_its_device_and_dtype_with_a_reason_and_warms_up(
+    tiny_checkpoint: Path,
+) -> None:
     engine = InferenceEngine.from_checkpoint(tiny_checkpoint)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert engine.device.type == expected
-    if expected == "cpu":
-        assert engine.dtype == torch.float32
+    assert engine.dtype_reason in REASONS
+    if expected == "cpu":  # bf16 only where measured faster and in agreement with fp32
+        assert (engine.dtype == torch.bfloat16) == (engine.dtype_reason == "bf16_faster")
     assert not engine.warmed_up
     engine.warm_up()
     assert engine.warmed_up
