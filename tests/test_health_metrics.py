@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import image_bytes
+from provenance_assets import png_with_text
 from streams import fresh_topics, produce, read_outputs, worker_settings
 
 from clipguard.cli.produce import upload_event
@@ -69,6 +70,8 @@ def test_readyz_after_warm_up_and_metrics_pass_promtool(
             (f"m-{i}".encode(), upload_event(image_bytes(color=(i, 9, 9)), f"m-{i}"))
             for i in range(12)
         ]
+        stated = png_with_text([("tEXt", "parameters", "a cat\nSteps: 20, Model: sd_xl_base")])
+        events.append((b"stated", upload_event(stated, "stated")))  # generator metadata
         placed = produce(kafka_bootstrap, topics.input, [*events, (None, b"not json")])
         read_outputs(kafka_bootstrap, topics, set(placed))
         time.sleep(0.3)  # one more loop turn updates the gauges
@@ -83,7 +86,7 @@ def test_readyz_after_warm_up_and_metrics_pass_promtool(
                 name,
                 label,
             )
-    assert 'clipguard_events_consumed_total{topic="' + topics.input + '"} 13.0' in text
+    assert 'clipguard_events_consumed_total{topic="' + topics.input + '"} 14.0' in text
     assert "clipguard_ready 1.0" in text
     for forbidden in ("m-0", "m-11"):  # never an event id in a label
         assert forbidden not in text
