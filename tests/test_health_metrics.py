@@ -70,7 +70,8 @@ def test_readyz_after_warm_up_and_metrics_pass_promtool(
             (f"m-{i}".encode(), upload_event(image_bytes(color=(i, 9, 9)), f"m-{i}"))
             for i in range(12)
         ]
-        stated = png_with_text([("tEXt", "parameters", "a cat\nSteps: 20, Model: sd_xl_base")])
+        a1111 = "a cat\nSteps: 20, Sampler: Euler a, Model: sd_xl_base_1.0, Version: v1.6.0"
+        stated = png_with_text([("tEXt", "parameters", a1111)])
         events.append((b"stated", upload_event(stated, "stated")))  # generator metadata
         placed = produce(kafka_bootstrap, topics.input, [*events, (None, b"not json")])
         read_outputs(kafka_bootstrap, topics, set(placed))
