@@ -52,6 +52,8 @@ SERVE_HELP = {
     "max_output_bytes": "cap on one output record (default: producer and topic limits)",
     "c2pa_trust_anchors": "PEM of C2PA trust anchors; without it no Content Credential is trusted",
     "hash_list": "PDQ hash list (<hex> <ai_generated|real> [generator] per line); SIGHUP reloads",
+    "forward_headers": "input headers copied to verdicts and dead letters besides traceparent "
+    "and tracestate, comma-separated",
 }
 
 

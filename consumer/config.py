@@ -28,6 +28,12 @@ from pydantic_settings import (
 )
 from typing_extensions import Self
 
+from clipguard.consumer.headers import (
+    MAX_FORWARDED,
+    MAX_NAME_CHARS,
+    RESERVED_PREFIX,
+    valid_header_name,
+)
 from clipguard.consumer.netguard import parse_cidrs, parse_host_patterns
 from clipguard.detector.decode import DEFAULT_FORMATS
 from clipguard.provenance import ProvenanceSettings
@@ -265,6 +271,10 @@ class WorkerSettings(KafkaSettings):
     #: PDQ Hamming distance (of 256 bits) at or under which an upload matches the list.
     hash_list_threshold: int = Field(default=31, ge=0, le=256)
 
+    #: Input headers copied to each verdict and dead letter besides W3C ``traceparent`` and
+    #: ``tracestate`` (always carried): comma-separated names, matched case-insensitively.
+    forward_headers: Annotated[tuple[str, ...], NoDecode] = ()
+
     def provenance(self) -> ProvenanceSettings:
         return ProvenanceSettings(
             c2pa_trust_anchors=self.c2pa_trust_anchors,
@@ -280,7 +290,9 @@ class WorkerSettings(KafkaSettings):
             raise ValueError(f"{value!r} is not a valid Kafka name")
         return value
 
-    @field_validator("fetch_allow_cidrs", "fetch_allow_hosts", "image_formats", mode="before")
+    @field_validator(
+        "fetch_allow_cidrs", "fetch_allow_hosts", "image_formats", "forward_headers", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         """Also accept ``"a,b"`` (flags, TOML strings) besides a list."""
@@ -297,6 +309,19 @@ class WorkerSettings(KafkaSettings):
     @classmethod
     def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return parse_host_patterns(value)
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [name for name in value if not valid_header_name(name)]
+        if bad:
+            raise ValueError(
+                f"not forwardable header names: {', '.join(map(repr, bad))} (printable ASCII "
+                f"without spaces, at most {MAX_NAME_CHARS} characters, not {RESERVED_PREFIX}*)"
+            )
+        if len(value) > MAX_FORWARDED:
+            raise ValueError(f"at most {MAX_FORWARDED} names, got {len(value)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkerSettings:

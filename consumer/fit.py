@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from clipguard.consumer.headers import carried
 from clipguard.consumer.outcomes import DeadLetter, Outcome
 from clipguard.consumer.schemas import Verdict
 
@@ -26,7 +28,8 @@ RECORD_OVERHEAD = 512
 MAX_KEY_BYTES = 1024
 TRUNCATED_KEY = "clipguard_truncated"
 
-Headers = list[tuple[str, bytes]]
+Header = tuple[str, bytes]
+Headers = list[Header]
 
 
 @dataclass(frozen=True)
@@ -48,24 +51,34 @@ class OutputTooLargeError(RuntimeError):
 class OutputFitter:
     """Builds the records of an outcome, each within ``max_record_bytes``."""
 
-    def __init__(self, output_topic: str, dlq_topic: str, max_record_bytes: int) -> None:
+    def __init__(
+        self,
+        output_topic: str,
+        dlq_topic: str,
+        max_record_bytes: int,
+        forward_headers: tuple[str, ...] = (),
+    ) -> None:
         self.output_topic = output_topic
         self.dlq_topic = dlq_topic
+        #: Input headers copied to every output besides trace context (consumer/headers.py).
+        self.forward_headers = forward_headers
         self.max_record_bytes = max_record_bytes
         self.budget = max(1024, max_record_bytes - RECORD_OVERHEAD)
 
     def records(self, outcome: Outcome) -> list[OutRecord]:
         records = []
+        forwarded = carried(outcome.record.headers, self.forward_headers)
         if outcome.verdict is not None:
-            records.append(self.verdict(outcome.verdict))
+            records.append(self.verdict(outcome.verdict, forwarded))
         if outcome.dead_letter is not None:
-            records.append(self.dead_letter(outcome.dead_letter))
+            records.append(self.dead_letter(outcome.dead_letter, forwarded))
         return records
 
-    def verdict(self, verdict: Verdict) -> OutRecord:
+    def verdict(self, verdict: Verdict, forwarded: Sequence[Header] = ()) -> OutRecord:
         key = verdict.event_id.encode("utf-8")
         value = verdict.to_bytes()
-        if len(key) + len(value) > self.budget:
+        headers = list(forwarded)
+        if len(key) + len(value) + _size(headers) > self.budget:
             metadata = json.dumps(verdict.metadata, separators=(",", ":"), default=str).encode()
             marker = {
                 TRUNCATED_KEY: {
@@ -74,15 +87,17 @@ class OutputFitter:
                 }
             }
             value = verdict.model_copy(update={"metadata": marker}).to_bytes()
+            if len(key) + len(value) + _size(headers) > self.budget:
+                headers = []  # the verdict matters more than the carried headers
             if len(key) + len(value) > self.budget:
                 raise OutputTooLargeError(
                     f"verdict of {len(value)} bytes exceeds the {self.budget}-byte output limit"
                 )
-        return OutRecord(self.output_topic, key, value, [])
+        return OutRecord(self.output_topic, key, value, headers)
 
-    def dead_letter(self, dead_letter: DeadLetter) -> OutRecord:
+    def dead_letter(self, dead_letter: DeadLetter, forwarded: Sequence[Header] = ()) -> OutRecord:
         record = dead_letter.record
-        headers = dead_letter.headers()
+        headers = dead_letter.headers() + list(forwarded)
         key = record.key
         if key is not None and len(key) > MAX_KEY_BYTES:
             headers.append(("clipguard.original.key_size", str(len(key)).encode()))
@@ -99,3 +114,7 @@ class OutputFitter:
             headers += extra
             value = value[: max(0, room)]
         return OutRecord(self.dlq_topic, key, value, headers)
+
+
+def _size(headers: Sequence[Header]) -> int:
+    return sum(len(k) + len(v) for k, v in headers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from clipguard.consumer.records import RecordRef
 from clipguard.consumer.schemas import ErrorInfo, InputRef, ModelRef, PolicyRef, Verdict
@@ -56,7 +56,12 @@ class Outcome:
 
 
 def input_ref(record: RecordRef) -> InputRef:
-    return InputRef(topic=record.topic, partition=record.partition, offset=record.offset)
+    timestamp = None
+    if record.timestamp_ms is not None:
+        timestamp = datetime.fromtimestamp(record.timestamp_ms / 1000, timezone.utc)
+    return InputRef(
+        topic=record.topic, partition=record.partition, offset=record.offset, timestamp=timestamp
+    )
 
 
 def failure(

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -37,10 +44,28 @@ class UploadEvent(BaseModel):
         return self
 
 
+def _utc_iso(value: datetime) -> str:
+    value = value.astimezone(timezone.utc)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: A time on the wire: RFC 3339, UTC, milliseconds (``2026-11-23T10:00:00.021Z``).
+UtcTime = Annotated[
+    datetime,
+    PlainSerializer(_utc_iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
+]
+
+
 class InputRef(BaseModel):
+    """The input record a verdict answers."""
+
     topic: str
     partition: int
     offset: int
+    #: The input record's Kafka timestamp (producer CreateTime, or LogAppendTime where the
+    #: topic uses it), RFC 3339 UTC with milliseconds; null when the record has none.
+    timestamp: UtcTime | None = None
 
 
 class ModelRef(BaseModel):
@@ -70,11 +95,6 @@ class ErrorInfo(BaseModel):
     message: str | None = None
 
 
-def _utc_iso(value: datetime) -> str:
-    value = value.astimezone(timezone.utc)
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class Verdict(BaseModel):
     """The moderation outcome for one upload, keyed by ``event_id`` on the output topic."""
 
@@ -91,17 +111,13 @@ class Verdict(BaseModel):
     policy: PolicyRef
     input: InputRef
     timings_ms: dict[str, float] = Field(default_factory=dict)
-    decided_at: datetime
+    decided_at: UtcTime
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     #: Provenance read from the upload's bytes (empty when none was found or read).
     evidence: list[EvidenceRef] = Field(default_factory=list)
     #: What set ``decision``: the classifier, trusted provenance, or an operator hash list.
     decided_by: Literal["classifier", "provenance", "hash_list"] | None = "classifier"
-
-    @field_serializer("decided_at")
-    def _serialize_time(self, value: datetime) -> str:
-        return _utc_iso(value)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=False).encode("utf-8")
