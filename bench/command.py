@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from clipguard.bench.mix import ImageMix, large_mix, parse_size, zoo_mix
+from clipguard.bench.mix import ImageMix, large_mix, parse_size, upload_mix, zoo_mix
 from clipguard.bench.naive import measure_naive
 from clipguard.bench.probe import cores, source_commit
 from clipguard.bench.report import derive, table
@@ -87,6 +87,9 @@ class BenchSettings(ClipguardSettings):
 
     events: int | None = Field(default=None, ge=10)
     naive_events: int | None = Field(default=None, ge=5)
+    #: ``zoo``: zoo JPEGs at an upload-like size; ``uploads``: phone photos, screenshots,
+    #: WebP and avatars (bench/mix.py UPLOAD_KINDS), where decode is the CPU's limit.
+    mix: Literal["zoo", "uploads"] = "zoo"
     mix_images: int = Field(default=32, ge=1, le=1000)
     image_size: int | None = Field(default=None, ge=16, le=4096)
     quality: int = Field(default=90, ge=1, le=100)
@@ -168,7 +171,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="backlog for the naive consumer, which stops after 2 x --duration (default --events)",
     )
-    add_flag(parser, "--mix-images", dest="mix_images", type=int, help="distinct JPEGs (32)")
+    add_flag(
+        parser,
+        "--mix",
+        choices=["zoo", "uploads"],
+        help="zoo JPEGs (default) or an upload-like mix: 8-12 MP phone JPEGs, PNG screenshots, "
+        "WebP, avatars",
+    )
+    add_flag(parser, "--mix-images", dest="mix_images", type=int, help="distinct files (32)")
     add_flag(
         parser,
         "--image-size",
@@ -370,8 +380,13 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     )
     cfg = engine.manifest.preprocess
     size = _mix_size(settings, cfg.image_size)
-    note(f"image mix: {settings.mix_images} zoo images at {size} px, JPEG q{settings.quality}")
-    mix = zoo_mix(settings.mix_images, size, settings.quality, settings.seed)
+    if settings.mix == "uploads":
+        count = min(settings.mix_images, 12)
+        note(f"image mix: {count} upload-like files (phone JPEGs, screenshots, WebP, avatars)")
+        mix = upload_mix(count, settings.seed)
+    else:
+        note(f"image mix: {settings.mix_images} zoo images at {size} px, JPEG q{settings.quality}")
+        mix = zoo_mix(settings.mix_images, size, settings.quality, settings.seed)
     report = _header(settings, engine, mix)
     stages: dict[str, Any] = {}
     report["stages"] = stages

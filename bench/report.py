@@ -69,6 +69,18 @@ def _usage(section: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _mix_line(mix: dict[str, Any]) -> str:
+    kinds = {k.removeprefix("count_"): v for k, v in mix.items() if k.startswith("count_")}
+    if kinds:
+        parts = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+        mean = _kb(mix["mean_jpeg_bytes"])
+        return f"mix      {mix['images']} upload-like files ({parts}), mean {mean}"
+    return (
+        f"mix      {mix['images']} zoo JPEGs {mix['width']}x{mix['height']} q{mix['quality']}, "
+        f"mean {_kb(mix['mean_jpeg_bytes'])}"
+    )
+
+
 def table(report: dict[str, Any]) -> str:
     """The human-readable summary, one aligned line per measurement."""
     cfg, machine, stages = report["config"], report["machine"], report["stages"]
@@ -82,8 +94,7 @@ def table(report: dict[str, Any]) -> str:
         f"machine  {machine['cores']} cores, torch threads {machine['torch_threads']}, "
         f"load avg {machine['loadavg_start']:.2f} -> {machine['loadavg_end']:.2f}, "
         f"kafka-python CRC-32C {machine['kafka_crc32c']}",
-        f"mix      {mix['images']} zoo JPEGs {mix['width']}x{mix['height']} q{mix['quality']}, "
-        f"mean {_kb(mix['mean_jpeg_bytes'])}",
+        _mix_line(mix),
         "",
         f"{'stage capacity (each alone)':<30}{'per s':>10}  detail",
         f"{'  model only':<30}{_rate(model['images_per_s']):>10}  images/s, "
@@ -97,6 +108,11 @@ def table(report: dict[str, Any]) -> str:
             f"{_rate(noise['model_images_per_s_at_start'])} / "
             f"{_rate(noise['model_images_per_s_at_end'])} images/s ({noise['drift']:+.0%}, "
             "other load on the machine): the better one counts"
+        )
+    for kind, cost in decode.get("kinds", {}).items():
+        lines.append(
+            f"{'    decode ' + kind:<30}{_rate(1000 / cost['ms_per_image']):>10}  "
+            f"images/s per core ({cost['ms_per_image']:.1f} ms/image)"
         )
     precision = report.get("precision")
     if precision and "skipped" not in precision:

@@ -144,16 +144,20 @@ def measure_decode(
     duration_s: float,
     min_images: int = 20,
 ) -> dict[str, Any]:
-    """decode_image + preprocess on one thread: images/s per core, times the cores here."""
+    """decode_image + preprocess on one thread: images/s per core, times the cores here;
+    for a mix of several kinds, also the cost of each kind."""
     count = 0
+    per_kind: dict[str, list[float]] = {}
     with Span() as span:
         started = time.perf_counter()
         while count < min_images or time.perf_counter() - started < duration_s:
+            began = time.perf_counter()
             preprocess(decode_image(mix.jpegs[count % len(mix.jpegs)], limits), cfg)
+            per_kind.setdefault(mix.kind_of(count), []).append(time.perf_counter() - began)
             count += 1
     per_core = count / span.wall
     n_cores = cores()
-    return {
+    result: dict[str, Any] = {
         "images_per_s_per_core": per_core,
         "cores": n_cores,
         "images_per_s": per_core * n_cores,
@@ -162,6 +166,12 @@ def measure_decode(
         "seconds": span.wall,
         **span.usage(),
     }
+    if len(per_kind) > 1:
+        result["kinds"] = {
+            kind: {"ms_per_image": 1000 * statistics.fmean(times), "images": len(times)}
+            for kind, times in per_kind.items()
+        }
+    return result
 
 
 def _consume_count(consumer: KafkaConsumer, count: int, deadline: float, done: list[float]) -> None:
