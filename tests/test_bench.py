@@ -210,3 +210,19 @@ def test_mix_and_helpers() -> None:
         parse_size("4000")
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile(list(range(1, 101)), 0.99) == 99
+
+
+def test_the_upload_mix_has_every_kind_in_its_real_format_and_size() -> None:
+    import io
+
+    from PIL import Image
+
+    from clipguard.bench.mix import UPLOAD_KINDS, upload_mix
+
+    mix = upload_mix(5, seed=1)
+    assert sorted(mix.kinds) == sorted(kind[0] for kind in UPLOAD_KINDS)
+    for data, kind in zip(mix.jpegs, mix.kinds, strict=True):
+        spec = next(k for k in UPLOAD_KINDS if k[0] == kind)
+        image = Image.open(io.BytesIO(data))
+        assert (image.format, image.size) == (spec[3], (spec[1], spec[2]))
+    assert mix.describe()["count_phone_12mp_jpeg"] == 1
