@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -23,7 +23,7 @@ from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_imag
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.errors import ImageError, ImageTooLargeError
 from clipguard.detector.policy import Policy
-from clipguard.detector.preprocess import preprocess
+from clipguard.detector.preprocess import MAX_VIEWS, preprocess_views
 from clipguard.provenance import Evidence, ProvenanceReader, ProvenanceSettings, combine
 
 
@@ -40,6 +40,9 @@ class PredictSettings(ClipguardSettings):
     c2pa_trust_anchors: Path | None = None
     hash_list: Path | None = None
     hash_list_threshold: int = Field(default=31, ge=0, le=256)
+    #: Views per image and their aggregation; default: the checkpoint's input contract.
+    views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
+    view_aggregation: Literal["mean", "max"] | None = None
 
     def provenance(self) -> ProvenanceReader | None:
         if not self.provenance_enabled:
@@ -72,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--block-at", dest="block_at", type=float)
     add_flag(parser, "--c2pa-trust-anchors", dest="c2pa_trust_anchors", type=Path)
     add_flag(parser, "--hash-list", dest="hash_list", type=Path)
+    add_flag(parser, "--views", type=int, help="views per image (default: the checkpoint's)")
+    add_flag(parser, "--view-aggregation", dest="view_aggregation", choices=("mean", "max"))
     parser.add_argument(
         "--no-provenance",
         dest="provenance_enabled",
@@ -117,7 +122,7 @@ def _prepared(
             data = _read(path, limits)
             image = decode_image(data, limits)
             evidence = tuple(reader.read(data, image)) if reader is not None else ()
-            yield path, preprocess(image, engine.manifest.preprocess), None, evidence
+            yield path, preprocess_views(image, engine.preprocess), None, evidence
         except (ImageError, OSError) as exc:
             yield path, None, _error_line(path, exc), ()
 
@@ -126,7 +131,13 @@ def run(args: argparse.Namespace) -> int:
     settings = PredictSettings.load(args.config, **flag_values(args, exclude={"paths"}))
     engine = InferenceEngine.from_checkpoint(
         settings.checkpoint,
-        EngineConfig(device=settings.device, max_batch_size=settings.batch_size, warmup_batches=0),
+        EngineConfig(
+            device=settings.device,
+            max_batch_size=settings.batch_size,
+            warmup_batches=0,
+            views=settings.views,
+            aggregate=settings.view_aggregation,
+        ),
     )
     stored = engine.manifest.policy
     policy = Policy(
@@ -145,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     def flush() -> None:
         """Print the pending files in input order: errors as they were, images judged."""
         tensors = [pixels for _, pixels, _, _ in pending if pixels is not None]
-        predictions = iter(engine.predict_tensors(torch.stack(tensors)) if tensors else [])
+        predictions = iter(engine.predict_tensors(tensors) if tensors else [])
         for path, pixels, error, evidence in pending:
             if pixels is None:
                 print_json(error)

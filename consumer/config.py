@@ -233,6 +233,9 @@ class WorkerSettings(KafkaSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
     torch_compile: bool = False
+    #: Views per image and their aggregation; default: the checkpoint's input contract.
+    views: int | None = Field(default=None, ge=1, le=16)
+    view_aggregation: Literal["mean", "max"] | None = None
 
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)

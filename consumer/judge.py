@@ -21,7 +21,7 @@ from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import InferenceEngine, Prediction
 from clipguard.detector.errors import ClipguardError
 from clipguard.detector.policy import Decision, Policy
-from clipguard.detector.preprocess import preprocess
+from clipguard.detector.preprocess import preprocess_views
 from clipguard.provenance import Evidence, ProvenanceReader, combine
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Judge:
         try:
             started = self.clock()
             image = decode_image(image_bytes, self.limits)
-            pixels = preprocess(image, self.engine.manifest.preprocess)
+            pixels = preprocess_views(image, self.engine.preprocess)  # (V,3,S,S), V per contract
             decode_s = self.clock() - started
         except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome
             return self.failed(item, exc, upload)
@@ -162,8 +162,9 @@ class Judge:
         inference_s = 0.0
         if ready:
             try:
-                pixels = torch.stack([d.pixels for d in ready])  # type: ignore[misc]
-                predictions = self.engine.predict_tensors(pixels)
+                # One tensor of views per event; the engine aggregates them to one prediction.
+                pixels = [d.pixels for d in ready]
+                predictions = self.engine.predict_tensors(pixels)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - the batch is dead-lettered, counted as ours
                 log.error(
                     "model failed on a batch of %d: %s: %s", len(ready), type(exc).__name__, exc

@@ -140,6 +140,8 @@ def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
             max_batch_size=settings.max_batch_size,
             threads=default_torch_threads(settings.device, settings.torch_threads),
             compile=settings.torch_compile,
+            views=settings.views,
+            aggregate=settings.view_aggregation,
         ),
     )
 

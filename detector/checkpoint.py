@@ -40,13 +40,32 @@ def clipguard_version() -> str:
 
 
 class Calibration(BaseModel):
-    """Temperature for the binary logit and the score at which the label flips to AI."""
+    """``ai_score = sigmoid(logit / temperature + bias)`` and the score at which the label
+    flips to AI. ``bias`` 0 is what checkpoints written before ``clipguard calibrate`` mean."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     temperature: float = Field(default=1.0, gt=0.0)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     target_fpr: float | None = None
+    bias: float = 0.0
+
+
+class Recalibration(BaseModel):
+    """Where a re-calibrated checkpoint came from (``clipguard calibrate``): same weights,
+    new calibration and policy, fitted on the platform's own images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    parent_version: str
+    parent_sha256: str
+    calibrated_at: str
+    #: ``labelled`` (both classes: temperature, bias, threshold) or ``real-only``.
+    method: Literal["labelled", "real-only"]
+    target_fpr: float
+    #: Counts, folders and digests of the calibration images (never the images).
+    data: dict[str, Any]
+    report: dict[str, Any] = Field(default_factory=dict)
 
 
 class Manifest(BaseModel):
@@ -65,6 +84,8 @@ class Manifest(BaseModel):
     preprocess: PreprocessConfig
     calibration: Calibration = Calibration()
     policy: Policy = Policy()
+    #: The chain of re-calibrations, oldest first; empty for a checkpoint fresh from training.
+    recalibrations: list[Recalibration] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     sha256: str = ""

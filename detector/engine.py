@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipguard.detector.aggregate import Pixels, aggregate_logits, flatten_views
 from clipguard.detector.checkpoint import Manifest, load_checkpoint
 from clipguard.detector.heads import Detector
 from clipguard.detector.precision import (
@@ -21,7 +22,12 @@ from clipguard.detector.precision import (
     agreement,
     choose_cpu_dtype,
 )
-from clipguard.detector.preprocess import PreprocessConfig, preprocess_batch
+from clipguard.detector.preprocess import (
+    MAX_VIEWS,
+    Aggregate,
+    PreprocessConfig,
+    preprocess_views,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     #: ``torch.compile`` the model (pays off on CUDA for long-running workers).
     compile: bool = False
+    #: Serve-time override of the checkpoint's views per image and their aggregation.
+    views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
+    aggregate: Aggregate | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,15 @@ class InferenceEngine:
             self.model = self.model.to(self.dtype)  # weights and inputs, never CPU autocast
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        overrides = {"views": self.config.views, "aggregate": self.config.aggregate}
+        self.input = PreprocessConfig.model_validate(
+            {
+                **manifest.preprocess.model_dump(),
+                **{k: v for k, v in overrides.items() if v is not None},
+            }
+        )
         self.temperature = manifest.calibration.temperature
+        self.bias = manifest.calibration.bias
         self.threshold = manifest.calibration.threshold
         self.classes = list(manifest.classes)
         self.warmed_up = False
@@ -130,7 +147,8 @@ class InferenceEngine:
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return self.manifest.preprocess
+        """The input contract in force: the checkpoint's, with this engine's view overrides."""
+        return self.input
 
     def _autocast(self) -> AbstractContextManager[None]:
         if self.device.type == "cuda" and self.dtype != torch.float32:
@@ -145,21 +163,25 @@ class InferenceEngine:
             self.scores(dummy)
         self.warmed_up = True
 
-    def scores(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,3,S,S) -> calibrated P(AI) (N,) and source probabilities (N, C), on the CPU.
+    def calibrated(self, logit: torch.Tensor) -> torch.Tensor:
+        """Raw binary logit -> calibrated P(AI): ``sigmoid(logit / T + bias)``."""
+        return torch.sigmoid(logit / self.temperature + self.bias)
 
-        Runs in chunks of ``max_batch_size``; a CUDA out-of-memory error halves the chunk
-        and retries, down to single images, before it is raised.
+    def view_logits(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M,3,S,S) -> raw binary logits (M,) and source logits (M, C), on the CPU.
+
+        Runs in chunks of ``max_batch_size`` views; a CUDA out-of-memory error halves the
+        chunk and retries, down to single views, before it is raised.
         """
-        ai_parts: list[torch.Tensor] = []
+        binary_parts: list[torch.Tensor] = []
         source_parts: list[torch.Tensor] = []
         step = self.config.max_batch_size
         start = 0
         with torch.inference_mode(), self._autocast():
-            while start < pixels.shape[0]:
-                chunk = pixels[start : start + step]
+            while start < views.shape[0]:
+                chunk = views[start : start + step]
                 try:
-                    logit, probs = self._forward(chunk)
+                    logit, source = self._forward(chunk)
                 except torch.cuda.OutOfMemoryError:
                     if step == 1:
                         raise
@@ -168,15 +190,26 @@ class InferenceEngine:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                ai_parts.append(torch.sigmoid(logit / self.temperature))
-                source_parts.append(probs)
+                binary_parts.append(logit)
+                source_parts.append(source)
                 start += chunk.shape[0]
-        if not ai_parts:
+        if not binary_parts:
             return torch.empty(0), torch.empty(0, len(self.classes))
-        return torch.cat(ai_parts), torch.cat(source_parts)
+        return torch.cat(binary_parts), torch.cat(source_parts)
+
+    def logits(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw per-image logits: every view through the model in one pass, then aggregated."""
+        views, counts = flatten_views(pixels, self.input.image_size)
+        binary, source = self.view_logits(views)
+        return aggregate_logits(binary, source, counts, self.input.aggregate)
+
+    def scores(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (see :data:`Pixels`) -> calibrated P(AI) (N,) and source probabilities (N, C)."""
+        binary, source = self.logits(pixels)
+        return self.calibrated(binary), torch.softmax(source, -1)
 
     def _forward(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model call: binary logits and source probabilities, back on the CPU."""
+        """One model call: binary and source logits, back on the CPU."""
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         else:
@@ -186,19 +219,21 @@ class InferenceEngine:
         if self.config.channels_last:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         out = self.model(chunk)
-        return out.binary_logit.float().cpu(), torch.softmax(out.source_logits.float(), -1).cpu()
+        return out.binary_logit.float().cpu(), out.source_logits.float().cpu()
 
-    def predict_tensors(self, pixels: torch.Tensor) -> list[Prediction]:
+    def predict_tensors(self, pixels: Pixels) -> list[Prediction]:
+        """One prediction per image, whatever its number of views (one output per input)."""
         ai_scores, source_probs = self.scores(pixels)
         predictions = [
             self._prediction(float(a), p) for a, p in zip(ai_scores, source_probs, strict=True)
         ]
-        if len(predictions) != pixels.shape[0]:  # one output per input, always
-            raise RuntimeError(f"{pixels.shape[0]} inputs gave {len(predictions)} predictions")
+        expected = pixels.shape[0] if isinstance(pixels, torch.Tensor) else len(pixels)
+        if len(predictions) != expected:  # one output per input, always
+            raise RuntimeError(f"{expected} inputs gave {len(predictions)} predictions")
         return predictions
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        return self.predict_tensors(preprocess_batch(images, self.manifest.preprocess))
+        return self.predict_tensors([preprocess_views(image, self.input) for image in images])
 
     def _prediction(self, ai_score: float, source_probs: torch.Tensor) -> Prediction:
         probs = source_probs.tolist()

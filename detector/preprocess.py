@@ -1,7 +1,8 @@
 """The one preprocessing path shared by training, evaluation and serving.
 
-The checkpoint stores a :class:`PreprocessConfig`; the worker and the trainer both call
-:func:`preprocess` with it, so a served model sees exactly the pixels it was trained on.
+The checkpoint stores a :class:`PreprocessConfig`; the worker, eval and predict call
+:func:`preprocess_views` with it, the trainer :func:`preprocess` (the first view of an image
+its augmentation already cropped), so a served model sees exactly the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipguard.detector.views import Box, centre_box, crop_boxes, strip_boxes
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Upper bound on views per image: the engine's work per upload stays bounded.
+MAX_VIEWS = 16
+
+Policy = Literal["resize", "crop", "both"]
+Aggregate = Literal["mean", "max"]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class PreprocessConfig(BaseModel):
-    """Input contract of a detector: geometry and normalisation of its pixels.
+    """Input contract of a detector: geometry, views and normalisation of its pixels.
 
-    ``resize`` is CLIP's default (shortest side to ``image_size``, centre crop);
-    ``crop`` takes a centre crop without resizing (UniversalFakeDetect), which keeps
-    the high-frequency generator fingerprints a resize would blur away.
+    ``resize`` is CLIP's default (shortest side to ``image_size``, centre crop); ``crop``
+    takes native-resolution crops (UniversalFakeDetect), which keep the high-frequency
+    generator fingerprints a resize would blur away; ``both`` scores the resized whole image
+    and native crops together. ``views`` boxes per image (docs/training.md "Views"), their
+    binary logits aggregated by ``aggregate``. Defaults are what checkpoints written before
+    views meant: one view, offsets unsnapped (``grid`` 1).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -33,32 +45,47 @@ class PreprocessConfig(BaseModel):
     image_size: int = Field(gt=0, le=4096)
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
-    policy: Literal["resize", "crop"] = "resize"
+    policy: Policy = "resize"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    views: int = Field(default=1, ge=1, le=MAX_VIEWS)
+    aggregate: Aggregate = "mean"
+    #: Native crops start on multiples of this many pixels (pixel-grid phase).
+    grid: int = Field(default=1, ge=1, le=64)
 
 
-def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+def view_boxes(width: int, height: int, cfg: PreprocessConfig) -> list[Box]:
+    """The squares an image is scored through, at most ``cfg.views``, first = training's view.
+
+    An image smaller than the crop has one view: its centre square scaled up (as before views).
+    """
+    size, short, count = cfg.image_size, min(width, height), cfg.views
+    if cfg.policy == "resize":
+        return strip_boxes(width, height, count)
+    crops = crop_boxes(width, height, size, count, cfg.grid) if short >= size else []
+    if cfg.policy == "crop":
+        return crops or [centre_box(width, height, short)]
+    whole = centre_box(width, height, short)
+    return [whole, *(box for box in crops if box != whole)][:count]
+
+
+def _render(image: Image.Image, box: Box, cfg: PreprocessConfig) -> Image.Image:
+    """Crop then resize (not ``resize(box=...)``, whose filter reads pixels outside the box)."""
+    size = cfg.image_size
+    if box.side != image.width or box.side != image.height:
+        image = image.crop(box.pil())
+    if box.side != size:
+        image = image.resize((size, size), _RESAMPLE[cfg.interpolation])
+    return image
 
 
 def fit(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Geometric step: bring an RGB image to ``image_size`` square per the policy.
+    """Geometric step of the first view: ``image_size`` square per the policy.
 
     ``resize`` equals "shortest side to size, then centre crop", done as centre square
     first so a 1 x 40M-pixel strip never becomes a giant intermediate image. ``crop``
     never downsizes; an image smaller than the crop is scaled up to fit.
     """
-    size = cfg.image_size
-    short = min(image.size)
-    if cfg.policy == "crop" and short >= size:
-        return _center_crop(image, size, size)
-    if image.width != image.height:
-        image = _center_crop(image, short, short)
-    if short != size:
-        image = image.resize((size, size), _RESAMPLE[cfg.interpolation])
-    return image
+    return _render(image, view_boxes(image.width, image.height, cfg)[0], cfg)
 
 
 def to_tensor(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
@@ -68,15 +95,25 @@ def to_tensor(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def preprocess(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    """RGB PIL image -> model input tensor (3, image_size, image_size)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    """RGB PIL image -> the first view (3, image_size, image_size): what training feeds."""
+    image = _rgb(image)
     return to_tensor(fit(image, cfg), cfg)
 
 
+def preprocess_views(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """RGB PIL image -> all its views (V, 3, S, S), 1 <= V <= ``cfg.views``: what is scored."""
+    image = _rgb(image)
+    boxes = view_boxes(image.width, image.height, cfg)
+    return torch.stack([to_tensor(_render(image, box, cfg), cfg) for box in boxes])
+
+
 def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
-    """Stack preprocessed images into one (N, 3, S, S) batch."""
+    """Stack the first views into one (N, 3, S, S) batch (training and probes)."""
     if not images:
         return torch.empty((0, 3, cfg.image_size, cfg.image_size))
     return torch.stack([preprocess(image, cfg) for image in images])

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipguard.detector.engine import InferenceEngine
-from clipguard.detector.preprocess import PreprocessConfig, preprocess
+from clipguard.detector.preprocess import PreprocessConfig, preprocess_views
 from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage, load_or_none
 from clipguard.training.metrics import average_precision, confusion_matrix, roc_auc
 
@@ -56,14 +56,15 @@ def _prepare(
         return None
     if transform is not None:
         image = transform(image)
-    return preprocess(image, cfg)
+    return preprocess_views(image, cfg)
 
 
 def _pixels(
     items: Sequence[LabelledImage], engine: InferenceEngine, transform: Transform | None
 ) -> tuple[list[LabelledImage], list[torch.Tensor]]:
-    """Decode and preprocess in a thread pool (Pillow releases the GIL), order kept."""
-    cfg = engine.manifest.preprocess
+    """Decode and cut every image into its views (the engine's contract, overrides included)
+    in a thread pool (Pillow releases the GIL), order kept."""
+    cfg = engine.preprocess
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         prepared = list(pool.map(lambda item: _prepare(item, cfg, transform), items))
     kept = [item for item, t in zip(items, prepared, strict=True) if t is not None]
@@ -87,7 +88,7 @@ def score_items(
         chunk_items, tensors = _pixels(items[start : start + batch_size], engine, transform)
         if not tensors:
             continue
-        ai, sources = engine.scores(torch.stack(tensors))
+        ai, sources = engine.scores(tensors)
         kept += chunk_items
         ai_parts.append(ai)
         source_parts.append(sources)
@@ -96,23 +97,16 @@ def score_items(
     return Scored(kept, torch.cat(ai_parts), torch.cat(source_parts), len(items) - len(kept))
 
 
-@torch.inference_mode()
 def engine_logits(
     engine: InferenceEngine, items: Sequence[LabelledImage], batch_size: int = 64
 ) -> tuple[torch.Tensor, list[LabelledImage]]:
-    """Raw binary logits of the engine's model, chunked as the engine chunks (calibration)."""
+    """Raw binary logits, views aggregated, exactly as the engine computes them (calibration)."""
     logits, kept = [], []
-    step = engine.config.max_batch_size
     for start in range(0, len(items), batch_size):
         chunk_items, tensors = _pixels(items[start : start + batch_size], engine, None)
         if not tensors:
             continue
-        pixels = torch.stack(tensors)
-        for offset in range(0, len(pixels), step):
-            chunk = pixels[offset : offset + step].to(engine.device)
-            if engine.config.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            logits.append(engine.model(chunk).binary_logit.float().cpu())
+        logits.append(engine.logits(tensors)[0])
         kept += chunk_items
     return (torch.cat(logits) if logits else torch.empty(0)), kept
 
