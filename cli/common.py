@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = {
 
 def flag_values(args: argparse.Namespace, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The flags the user actually gave (argparse defaults are ``SUPPRESS``)."""
-    skip = {"command", "func", "config", "verbose", *exclude}
+    skip = {"command", "func", "config", "verbose", "log_format", *exclude}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 
@@ -59,11 +59,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMATS = ("text", "json")
+
+
+def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
+    """Logs to stderr: text lines, or one JSON object per record (cli/logjson.py)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from clipguard.cli.logjson import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("kafka", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ from clipguard.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    LOG_FORMATS,
     setup_logging,
 )
 from clipguard.consumer.config import SettingsError
@@ -39,12 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for command in COMMANDS:
         command.register(subparsers)
+    # Before or after the command: `clipguard --log-format json serve` = `clipguard serve
+    # --log-format json`; the subcommand's default must not mask the top-level flag.
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, help=LOG_FORMAT_HELP)
+    for sub in subparsers.choices.values():
+        sub.add_argument(
+            "--log-format",
+            choices=LOG_FORMATS,
+            default=argparse.SUPPRESS,
+            help=LOG_FORMAT_HELP,
+        )
     return parser
+
+
+LOG_FORMAT_HELP = "text (default) or json: one JSON object per log line (also CLIPGUARD_LOG_FORMAT)"
+
+
+def log_format(args: argparse.Namespace) -> str:
+    chosen = args.log_format or os.environ.get("CLIPGUARD_LOG_FORMAT") or "text"
+    if chosen not in LOG_FORMATS:
+        problem = (
+            f"invalid setting log_format (--log-format / CLIPGUARD_LOG_FORMAT): {chosen!r} "
+            f"is not one of {', '.join(LOG_FORMATS)}"
+        )
+        raise SettingsError([problem])
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, log_format(args))
+    except SettingsError as exc:
+        print(f"clipguard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:

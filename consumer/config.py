@@ -94,7 +94,13 @@ class ClipguardSettings(BaseSettings):
 
 #: CLIPGUARD_* variables read by tools rather than by a settings class.
 OTHER_VARIABLES = frozenset(
-    {"CLIPGUARD_TANSU_BIN", "CLIPGUARD_TEST_BROKER", "CLIPGUARD_TEST_KAFKA_IMAGE"}
+    {
+        "CLIPGUARD_TANSU_BIN",
+        "CLIPGUARD_TEST_BROKER",
+        "CLIPGUARD_TEST_KAFKA_IMAGE",
+        "CLIPGUARD_LOG_FORMAT",  # read by the command line for every command (cli/main.py)
+        "CLIPGUARD_TEST_DASHBOARD_PNG",  # tests/test_prometheus_live.py draws the dashboard
+    }
 )
 
 

@@ -150,6 +150,12 @@ class Judge:
                 type(exc).__name__,
                 str(exc)[:300],
                 exc_info=log.isEnabledFor(logging.DEBUG),
+                extra={
+                    "topic": rec.topic,
+                    "partition": rec.partition,
+                    "offset": rec.offset,
+                    "event_id": _id(upload),
+                },
             )
             exc = UnexpectedError(f"{type(exc).__name__}: {exc}"[:1000])
         return Decoded(item, upload, None, 0.0, self._fail(item, exc, upload, _id(upload)))

@@ -216,6 +216,12 @@ class Publisher:
             record.partition,
             record.offset,
             type(exc).__name__,
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "event_id": outcome.verdict.event_id if outcome.verdict else None,
+            },
         )
         error = OutputRejectedError(f"{type(exc).__name__}: {exc}"[:500])
         dead_letter = DeadLetter(record, error.stage, type(exc).__name__, error.reason, str(error))
