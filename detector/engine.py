@@ -142,6 +142,11 @@ class InferenceEngine:
     def from_checkpoint(
         cls, path: str | Path, config: EngineConfig | None = None
     ) -> InferenceEngine:
+        """A checkpoint on torch, or an exported ``.onnx`` file on ONNX Runtime."""
+        if Path(path).suffix.lower() == ".onnx":
+            from clipguard.detector.onnx_engine import OnnxEngine  # optional extra
+
+            return OnnxEngine(path, config)
         detector, manifest = load_checkpoint(path)
         return cls(detector, manifest, config)
 
