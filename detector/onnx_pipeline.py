@@ -30,7 +30,7 @@ from clipguard.detector.onnx_parity import (
     torch_scores,
 )
 from clipguard.detector.onnx_quantize import QuantizeMode, quantize_int8
-from clipguard.detector.onnx_runtime import open_session, require_onnxruntime
+from clipguard.detector.onnx_runtime import open_session, require_extra
 
 Quantize = Literal["none", "int8"]
 
@@ -59,7 +59,8 @@ def export_onnx(
     Returns the export record; raises :class:`ParityError` (with ``.record``) and writes
     nothing when a tolerance is missed.
     """
-    require_onnxruntime()
+    require_extra("onnx")
+    require_extra("onnxruntime")
     detector = detector.float().eval()
     with tempfile.TemporaryDirectory(prefix="clipguard-export-") as tmp:
         model = export_fp32(detector, manifest, Path(tmp) / "fp32.onnx")

@@ -8,6 +8,8 @@ neighbours (measured in docs/onnx.md), so it is kept only for comparison.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,18 @@ QuantizeMode = Literal["static", "dynamic"]
 #: Only the matrix products are quantised: LayerNorm, softmax and GELU stay in fp32, where
 #: int8 costs accuracy in a ViT for little speed.
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantiser logs every tensor it touches at INFO on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _Calibration:
@@ -58,7 +72,7 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="clipguard-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="clipguard-quant-") as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         if mode == "dynamic":

@@ -6,6 +6,7 @@ first use says which extra to install when it is missing.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -32,16 +33,19 @@ class MissingExtraError(ClipguardError):
     reason = "missing_extra"
 
 
-def require_onnxruntime() -> ModuleType:
-    """``import onnxruntime``, or an error naming the extra that provides it."""
+def require_extra(module: str = "onnxruntime") -> ModuleType:
+    """``import module`` (onnxruntime or onnx), or an error naming the extra that provides it."""
     try:
-        import onnxruntime
+        return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtraError(
-            f"serving or exporting an ONNX model needs onnxruntime, which is not installed: "
+            f"exporting or serving an ONNX model needs {module}, which is not installed: "
             f"{EXTRA_HINT} (the 'onnx' extra)"
         ) from exc
-    return onnxruntime
+
+
+def require_onnxruntime() -> ModuleType:
+    return require_extra("onnxruntime")
 
 
 def open_session(path: str | Path, threads: int | None = None) -> Any:
