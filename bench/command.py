@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from clipguard.bench.mix import ImageMix, large_mix, parse_size, upload_mix, zoo_mix
 from clipguard.bench.naive import measure_naive
+from clipguard.bench.onnx_rates import measure_onnx
 from clipguard.bench.probe import cores, source_commit
 from clipguard.bench.report import derive, table
 from clipguard.bench.stages import (
@@ -103,6 +104,7 @@ class BenchSettings(ClipguardSettings):
     skip_naive: bool = False
     skip_latency: bool = False
     skip_memory: bool = False
+    skip_onnx: bool = False
 
     @field_validator("burst_size")
     @classmethod
@@ -204,7 +206,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--burst-size", dest="burst_size", help="WIDTHxHEIGHT (4000x3000)")
     add_flag(parser, "--timeout", type=float, help="seconds any one measurement may take")
     add_flag(parser, "--seed", type=int)
-    for name in ("naive", "latency", "memory"):
+    for name in ("naive", "latency", "memory", "onnx"):
         parser.add_argument(
             f"--skip-{name}",
             dest=f"skip_{name}",
@@ -398,6 +400,15 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     note(f"  {stages['model']['images_per_s']:.1f} images/s")
     if engine.device.type == "cpu":
         report["precision"] = measure_precision(engine, checkpoint, settings, mix)
+    if engine.device.type == "cpu" and not settings.skip_onnx:
+        threads = default_torch_threads("cpu", settings.threads)
+        report["onnx"] = measure_onnx(
+            checkpoint,
+            model_batch(mix, cfg, settings.batch_size),
+            EngineConfig(device="cpu", max_batch_size=settings.batch_size, threads=threads),
+            settings.duration,
+            note,
+        )
     note(f"decode+preprocess: one thread for {settings.duration:g}s")
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
     note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")

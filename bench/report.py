@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipguard.bench.onnx_rates import onnx_lines
+
 EFFICIENCY_TARGET = 0.9
 HALF_LOAD = 0.5
 
@@ -126,6 +128,7 @@ def table(report: dict[str, Any]) -> str:
         )
     elif precision:
         lines.append(f"{'    fp32 / bf16 weights':<30}{'':>10}  {precision['skipped']}")
+    lines += onnx_lines(report.get("onnx"), model["images_per_s"], machine["dtype"])
     lines += [
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "
