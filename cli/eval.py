@@ -19,7 +19,9 @@ from pydantic import Field, field_validator, model_validator
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
 from clipguard.consumer.config import CheckpointPath, ClipguardSettings, SettingsError
 from clipguard.detector.engine import EngineConfig, InferenceEngine
+from clipguard.detector.preprocess import MAX_VIEWS
 from clipguard.training import zoo
+from clipguard.training.align import AlignPolicy, aligned_report
 from clipguard.training.data import LabelledImage
 from clipguard.training.evaluate import remap_sources, score_items, summarize
 from clipguard.training.folders import DatasetError, FolderDataset
@@ -47,6 +49,13 @@ class EvalSettings(ClipguardSettings):
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    #: Views per image and their aggregation; default: the checkpoint's input contract.
+    views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
+    view_aggregation: Literal["mean", "max"] | None = None
+    #: Also score every image re-encoded one way (training/align.py): format-shortcut check.
+    align: bool = False
+    align_quality: int = Field(default=90, ge=1, le=100)
+    align_size: int = Field(default=256, ge=16)
 
     @field_validator("data")
     @classmethod
@@ -96,10 +105,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="JPEG 95/75/50/30, blur 1/2/3, downscale 0.75/0.5, 128-px thumbnail round trip",
     )
+    parser.add_argument(
+        "--align",
+        action="store_const",
+        const=True,
+        default=None,
+        help="also score every image as one JPEG quality and size; warn on a large gap",
+    )
+    add_flag(parser, "--align-quality", dest="align_quality", type=int, help="default 90")
+    add_flag(
+        parser,
+        "--align-size",
+        dest="align_size",
+        type=int,
+        help="centre square of at most N px, never resampled (default 256)",
+    )
     add_flag(parser, "--plots", type=Path, help="write ROC, confusion and robustness PNGs here")
     add_flag(parser, "--batch-size", dest="batch_size", type=int)
     add_flag(parser, "--device", help="auto (CUDA when present), cpu, cuda")
     add_flag(parser, "--seed", type=int, help="--synthetic only")
+    add_flag(parser, "--views", type=int, help="views per image (default: the checkpoint's)")
+    add_flag(parser, "--view-aggregation", dest="view_aggregation", choices=("mean", "max"))
     parser.add_argument(
         "--no-progress", dest="progress", action="store_const", const=False, default=None
     )
@@ -147,7 +173,12 @@ def _items(
 def evaluate_checkpoint(settings: EvalSettings) -> dict[str, Any]:
     engine = InferenceEngine.from_checkpoint(
         settings.checkpoint,
-        EngineConfig(device=settings.device, max_batch_size=settings.batch_size),
+        EngineConfig(
+            device=settings.device,
+            max_batch_size=settings.batch_size,
+            views=settings.views,
+            aggregate=settings.view_aggregation,
+        ),
     )
     manifest = engine.manifest
     data, items = _items(settings, list(engine.classes))
@@ -167,8 +198,16 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict[str, Any]:
         "data": data,
         "calibration": manifest.calibration.model_dump(),
         "policy": manifest.policy.model_dump(),
+        "preprocess": engine.preprocess.model_dump(),
         "overall": overall,
     }
+    if settings.align:
+        policy = AlignPolicy(quality=settings.align_quality, size=settings.align_size)
+        report["aligned"], _ = aligned_report(
+            engine, items, overall, policy, batch_size=settings.batch_size, progress=progress
+        )
+        for warning in report["aligned"]["warnings"]:
+            log.warning("%s", warning)
     robustness = None
     if settings.robustness:
         robustness = sweep(

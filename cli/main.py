@@ -9,7 +9,17 @@ import sys
 from collections.abc import Sequence
 
 from clipguard.bench import command as bench
-from clipguard.cli import broker, demo, export, predict, produce, schema, serve, train
+from clipguard.cli import (
+    broker,
+    calibrate,
+    demo,
+    export,
+    predict,
+    produce,
+    schema,
+    serve,
+    train,
+)
 from clipguard.cli import eval as evaluate
 from clipguard.cli.common import (
     EXIT_BROKER_UNAVAILABLE,
@@ -27,7 +37,19 @@ from clipguard.provenance import ProvenanceConfigError
 
 log = logging.getLogger("clipguard")
 
-COMMANDS = (serve, demo, train, evaluate, predict, export, broker, produce, bench, schema)
+COMMANDS = (
+    serve,
+    demo,
+    train,
+    evaluate,
+    calibrate,
+    predict,
+    export,
+    broker,
+    produce,
+    bench,
+    schema,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

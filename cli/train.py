@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
 from clipguard.consumer.config import ClipguardSettings, SettingsError
 from clipguard.detector.backbones import TINY_BACKBONE, BackboneSpec
+from clipguard.detector.preprocess import MAX_VIEWS
 from clipguard.training import distributed
 from clipguard.training.augment import AugmentConfig
 from clipguard.training.folders import DatasetError, carve_splits
@@ -36,6 +37,11 @@ from clipguard.training.recipes import (
 from clipguard.training.state import state_dir_for
 
 log = logging.getLogger("clipguard.train")
+
+#: Measured defaults for --data (docs/training.md "Choosing the preprocessing").
+DATA_PREPROCESS = "crop"
+DATA_VIEWS = 1
+DATA_CROP_GRID = 8
 
 Layout = Literal["auto", "wang2020", "ufd", "genimage", "cifake", "imagefolder", "zoo", "manifest"]
 assert set(Layout.__args__) == set(LAYOUTS)  # type: ignore[attr-defined]
@@ -64,7 +70,13 @@ class TrainSettings(ClipguardSettings):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     last_n: int = Field(default=2, ge=1)
-    preprocess: Literal["resize", "crop"] | None = None
+    #: Default for --data: DATA_PREPROCESS (measured, docs/training.md "Choosing the
+    #: preprocessing"); --synthetic keeps the zoo's recipe (resize, one view).
+    preprocess: Literal["resize", "crop", "both"] | None = None
+    views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
+    view_aggregation: Literal["mean", "max"] | None = None
+    #: Native crop offsets on multiples of this (default 8: JPEG blocks, x2/x4/x8 upsamplers).
+    crop_grid: int | None = Field(default=None, ge=1, le=64)
     flip_prob: float | None = Field(default=None, ge=0, le=1)
     blur_prob: float | None = Field(default=None, ge=0, le=1)
     jpeg_prob: float | None = Field(default=None, ge=0, le=1)
@@ -151,11 +163,32 @@ class TrainSettings(ClipguardSettings):
             feature_cache=self.feature_cache,
         )
 
+    def policy(self) -> str | None:
+        """The preprocessing policy: the flag, else the measured default for --data."""
+        if self.preprocess is not None or self.synthetic:
+            return self.preprocess
+        return DATA_PREPROCESS
+
+    def preprocess_update(self) -> dict[str, Any]:
+        """Views, aggregation and crop grid stored in the checkpoint's input contract."""
+        policy = self.policy()
+        native = policy in ("crop", "both")
+        views = self.views or (DATA_VIEWS if native and not self.synthetic else None)
+        grid = self.crop_grid or (DATA_CROP_GRID if native else None)
+        given = {"views": views, "aggregate": self.view_aggregation, "grid": grid}
+        return {k: v for k, v in given.items() if v is not None}
+
     def augment_config(self) -> AugmentConfig:
-        """CNNDetection's Blur+JPEG (0.1) with flips for real data; the zoo's own recipe."""
+        """CNNDetection's Blur+JPEG (0.1) with flips for real data; the zoo's own recipe.
+
+        Under ``crop``/``both`` every training image is a random native crop (crop_prob 1):
+        the model trains on the same kind of view it is scored through.
+        """
         base = (
             synthetic_augment() if self.synthetic else AugmentConfig(blur_prob=0.1, jpeg_prob=0.1)
         )
+        if self.policy() in ("crop", "both"):
+            base = base.model_copy(update={"crop_prob": 1.0})
         given = {
             "flip_prob": self.flip_prob,
             "blur_prob": self.blur_prob,
@@ -213,13 +246,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--lora-rank", dest="lora_rank", type=int, help="default 8")
     add_flag(parser, "--lora-alpha", dest="lora_alpha", type=float, help="default 16")
     add_flag(parser, "--last-n", dest="last_n", type=int, help="blocks trained in last-n mode")
-    add_flag(parser, "--preprocess", choices=("resize", "crop"), help="stored in the checkpoint")
+    add_flag(
+        parser,
+        "--preprocess",
+        choices=("resize", "crop", "both"),
+        help=f"stored in the checkpoint (default for --data: {DATA_PREPROCESS})",
+    )
     parser.add_argument(
         "--crop",
         dest="preprocess",
         action="store_const",
         const="crop",
-        help="same as --preprocess crop (centre crop, no resize)",
+        help="same as --preprocess crop (native crops, no resize)",
+    )
+    add_flag(
+        parser,
+        "--views",
+        type=int,
+        help=f"views per image when scoring (default for crop/both: {DATA_VIEWS})",
+    )
+    add_flag(parser, "--view-aggregation", dest="view_aggregation", choices=("mean", "max"))
+    add_flag(
+        parser,
+        "--crop-grid",
+        dest="crop_grid",
+        type=int,
+        help=f"crop offsets on multiples of N pixels (default {DATA_CROP_GRID})",
     )
     add_flag(parser, "--flip-prob", dest="flip_prob", type=float)
     add_flag(parser, "--blur-prob", dest="blur_prob", type=float, help="sigma in [0, 3]")
@@ -309,7 +361,8 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
         test_items=dataset.splits.get("test", []),
         config=config,
         augment=settings.augment_config(),
-        preprocess_policy=settings.preprocess,
+        preprocess_policy=settings.policy(),
+        preprocess_update=settings.preprocess_update(),
         extra_training_info={
             "data": str(settings.data),
             "dataset": dataset.summary(),

@@ -95,6 +95,7 @@ def test_robustness_sweep_and_plots(
     assert robustness["jpeg_q30"]["ap"] != robustness["clean"]["ap"]  # it did perturb
     assert sorted(Path(p).name for p in report["plots"]) == [
         "confusion.png",
+        "reliability.png",
         "robustness.png",
         "roc.png",
     ]

@@ -74,7 +74,7 @@ def test_calibrate_sets_threshold_policy_and_meets_the_target() -> None:
     cal, policy = result.calibration, result.policy
     assert cal.target_fpr == 0.01 and policy.review_at == cal.threshold
     assert policy.block_at >= policy.review_at
-    reals = served_scores(logits[:500], cal.temperature)
+    reals = served_scores(logits[:500], cal.temperature, cal.bias)
     assert float((reals >= cal.threshold).float().mean()) <= 0.01
     assert result.info["val_fpr"] <= 0.01
     plain = calibrate(logits, is_fake, target_fpr=None)

@@ -29,8 +29,8 @@ class AugmentConfig(BaseModel):
     blur_sigma: tuple[float, float] = (0.0, 3.0)
     jpeg_prob: float = Field(default=0.0, ge=0.0, le=1.0)
     jpeg_quality: tuple[int, int] = (30, 100)
-    #: Random crop: a ``image_size`` window under the ``crop`` policy; under ``resize`` a
-    #: square of ``crop_scale`` x the short side, which preprocessing then resizes.
+    #: Random crop: a native ``image_size`` window under ``crop`` (and half the time under
+    #: ``both``); under ``resize`` a square of ``crop_scale`` x the short side, then resized.
     crop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
     crop_scale: tuple[float, float] = (0.6, 1.0)
     #: Keep crop offsets even: fingerprints on the 2x2 pixel grid (the synthetic zoo's
@@ -57,27 +57,35 @@ def gaussian_blur(image: Image.Image, sigma: float) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(radius=sigma)) if sigma > 0 else image
 
 
-def _offset(rng: random.Random, room: int, even: bool) -> int:
+def _offset(rng: random.Random, room: int, grid: int) -> int:
+    """A random offset in ``[0, room]`` on multiples of ``grid`` (pixel-grid phase kept)."""
     if room <= 0:
         return 0
-    return 2 * rng.randint(0, room // 2) if even else rng.randint(0, room)
+    return grid * rng.randint(0, room // grid)
 
 
 def random_crop(
     image: Image.Image, rng: random.Random, cfg: AugmentConfig, preprocess: PreprocessConfig
 ) -> Image.Image:
+    """The training view: what the policy scores, sampled at a random place.
+
+    ``crop``: a native ``image_size`` window (never resized), offsets on the contract's
+    ``grid``; ``both``: that or the whole image (resized by preprocessing), half and half;
+    ``resize``: a ``crop_scale`` square of the short side, resized by preprocessing.
+    """
     short = min(image.size)
-    if preprocess.policy == "crop":
+    grid = max(preprocess.grid, 2 if cfg.crop_even else 1)
+    if preprocess.policy in ("crop", "both"):
         side = preprocess.image_size
-        if short <= side:
+        if short <= side or (preprocess.policy == "both" and rng.random() < 0.5):
             return image
     else:
         side = round(short * rng.uniform(*cfg.crop_scale))
         if cfg.crop_even:
             side -= side % 2
         side = max(1, min(short, side))
-    left = _offset(rng, image.width - side, cfg.crop_even)
-    top = _offset(rng, image.height - side, cfg.crop_even)
+    left = _offset(rng, image.width - side, grid)
+    top = _offset(rng, image.height - side, grid)
     return image.crop((left, top, left + side, top + side))
 
 

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 from clipguard.detector.engine import InferenceEngine
 from clipguard.detector.preprocess import PreprocessConfig, preprocess_views
 from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage, load_or_none
-from clipguard.training.metrics import average_precision, confusion_matrix, roc_auc
+from clipguard.training.metrics import (
+    average_precision,
+    confusion_matrix,
+    reliability,
+    roc_auc,
+    tpr_at_fpr,
+)
 
 Transform = Callable[[Image.Image], Image.Image]
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -116,16 +122,29 @@ def _rate(mask: np.ndarray) -> float | None:
 
 
 def binary_metrics(is_fake: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Accuracy at the stored threshold always next to the ranking metrics (AUC, AP): a
+    detector with AUC 1.0 whose threshold does not transfer still fails every upload."""
     predicted = scores >= threshold
+    real_acc = _rate(~predicted[~is_fake])
+    fake_acc = _rate(predicted[is_fake])
+    n_real = int((~is_fake).sum())
+    ece, _ = reliability(is_fake, scores)
     return {
         "n": int(is_fake.size),
-        "n_real": int((~is_fake).sum()),
+        "n_real": n_real,
         "n_fake": int(is_fake.sum()),
         "accuracy": _rate(predicted == is_fake),
-        "real_accuracy": _rate(~predicted[~is_fake]),
-        "fake_accuracy": _rate(predicted[is_fake]),
+        "balanced_accuracy": (
+            (real_acc + fake_acc) / 2 if real_acc is not None and fake_acc is not None else None
+        ),
+        "real_accuracy": real_acc,
+        "fake_accuracy": fake_acc,
+        "tpr_at_1pct_fpr": tpr_at_fpr(is_fake, scores, 0.01),
+        "tpr_at_0.1pct_fpr": tpr_at_fpr(is_fake, scores, 0.001),
+        "min_resolvable_fpr": 1.0 / n_real if n_real else None,
         "ap": average_precision(is_fake, scores),
         "auc": roc_auc(is_fake, scores),
+        "ece": ece,
     }
 
 
@@ -177,6 +196,7 @@ def summarize(scored: Scored, classes: Sequence[str], threshold: float) -> dict[
     scores = scored.ai_scores.numpy()
     report = binary_metrics(fake, scores, threshold)
     report["threshold"] = threshold
+    report["reliability"] = reliability(fake, scores)[1]
     report["skipped_images"] = scored.skipped
     report["source_accuracy"] = _attribution(_generator_pick(scored.source_probs), sources, fake)
     known = sources != UNKNOWN_SOURCE

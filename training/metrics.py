@@ -92,3 +92,59 @@ def threshold_for_fpr(negative_scores: npt.ArrayLike, target_fpr: float) -> floa
     if threshold <= refused:  # scores saturated at 1.0: nothing can separate them
         threshold = float(np.nextafter(refused, np.inf))
     return float(min(threshold, 1.0))
+
+
+def tpr_at_fpr(labels: npt.ArrayLike, scores: npt.ArrayLike, target_fpr: float) -> float | None:
+    """The highest true-positive rate of any threshold whose false-positive rate <= target.
+
+    With fewer than ``1 / target_fpr`` negatives this is the rate at FPR 0 (the target is
+    not resolvable; reports carry ``min_resolvable_fpr`` beside it). ``None`` for one class.
+    """
+    y, s = _as_arrays(labels, scores)
+    if y.all() or not y.any():
+        return None
+    tps, fps, _ = _distinct_thresholds(y, s)
+    allowed = fps / fps[-1] <= target_fpr + 1e-12
+    return float(np.max(np.r_[0.0, tps[allowed] / tps[-1]]))
+
+
+def reliability(
+    labels: npt.ArrayLike, scores: npt.ArrayLike, bins: int = 10
+) -> tuple[float | None, list[dict[str, float | int]]]:
+    """Expected calibration error of P(AI) and its reliability diagram (equal-width bins).
+
+    ECE = sum over bins of (bin share) x |mean score - fraction AI|: 0 when ``ai_score``
+    means what it says. Empty bins are left out of the diagram.
+    """
+    y, s = _as_arrays(labels, scores)
+    if y.size == 0:
+        return None, []
+    index = np.minimum((s * bins).astype(np.int64), bins - 1)
+    diagram: list[dict[str, float | int]] = []
+    ece = 0.0
+    for b in range(bins):
+        mask = index == b
+        if not mask.any():
+            continue
+        confidence, observed = float(s[mask].mean()), float(y[mask].mean())
+        ece += mask.mean() * abs(confidence - observed)
+        diagram.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": int(mask.sum()),
+                "mean_score": round(confidence, 6),
+                "fraction_ai": round(observed, 6),
+            }
+        )
+    return float(ece), diagram
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate (sound at rates near 0, unlike Wald)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

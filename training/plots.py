@@ -118,6 +118,30 @@ def robustness_plot(robustness: dict[str, dict[str, Any]], path: Path) -> Path |
     return path
 
 
+def reliability_plot(report: dict[str, Any], path: Path) -> Path | None:
+    """Reliability diagram of ``ai_score``: mean score against the fraction really AI, per
+    bin; on the diagonal when the calibrated score means what it says (ECE in the title)."""
+    plt = _pyplot()
+    bins = report.get("reliability") or []
+    if not bins:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    ax.bar(centres, [b["fraction_ai"] for b in bins], width=0.09, alpha=0.6, label="fraction AI")
+    ax.plot([b["mean_score"] for b in bins], [b["fraction_ai"] for b in bins], "o-", color="C1")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
+    for centre, b in zip(centres, bins, strict=True):
+        ax.text(centre, 0.02, str(b["n"]), ha="center", fontsize=6, rotation=90)
+    ece = report.get("ece")
+    ax.set(xlabel="ai_score", ylabel="fraction AI-generated", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(f"reliability (ECE {ece:.4f})" if ece is not None else "reliability")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     directory: Path,
     scored: Scored,
@@ -129,6 +153,7 @@ def write_plots(
     written = [
         roc_plot(scored, classes, directory / "roc.png"),
         confusion_plot(report, directory / "confusion.png"),
+        reliability_plot(report, directory / "reliability.png"),
     ]
     if robustness:
         written.append(robustness_plot(robustness, directory / "robustness.png"))

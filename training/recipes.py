@@ -74,6 +74,7 @@ def train_and_save(
     config: TrainConfig,
     augment: AugmentConfig = NO_AUGMENT,
     preprocess_policy: str | None = None,
+    preprocess_update: dict[str, Any] | None = None,
     version: str | None = None,
     extra_training_info: dict[str, Any] | None = None,
     target_fpr: float | None = None,
@@ -88,8 +89,11 @@ def train_and_save(
     seed_everything(config.seed)  # the encoder's random init is part of the run's identity
     encoder = build_encoder(backbone)
     preprocess: PreprocessConfig = encoder.preprocess
+    update = {**(preprocess_update or {})}
     if preprocess_policy is not None:
-        preprocess = preprocess.model_copy(update={"policy": preprocess_policy})
+        update["policy"] = preprocess_policy
+    if update:  # validated: a bad view count or grid is refused here, not in the worker
+        preprocess = PreprocessConfig.model_validate({**preprocess.model_dump(), **update})
     detector = new_detector(encoder, list(classes))
     train_set = DetectorDataset(train_items, preprocess, augment, seed=config.seed)
     val_set = DetectorDataset(val_items, preprocess) if val_items else None

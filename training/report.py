@@ -5,8 +5,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-COLUMNS = ("n_real", "n_fake", "accuracy", "real_accuracy", "fake_accuracy", "ap", "auc")
-HEADERS = ("n real", "n fake", "acc", "real acc", "fake acc", "AP", "AUC")
+COLUMNS = (
+    "n_real",
+    "n_fake",
+    "accuracy",
+    "balanced_accuracy",
+    "real_accuracy",
+    "fake_accuracy",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0.1pct_fpr",
+    "ap",
+    "auc",
+    "ece",
+)
+HEADERS = (
+    "n real",
+    "n fake",
+    "acc",
+    "bal acc",
+    "real acc",
+    "fake acc",
+    "TPR@1%",
+    "TPR@0.1%",
+    "AP",
+    "AUC",
+    "ECE",
+)
 
 
 def _cell(value: Any) -> str:
@@ -40,11 +64,22 @@ def render(report: dict[str, Any]) -> str:
     overall = report["overall"]
     rows = [("all", overall)]
     rows += [(f"  {name}", metrics) for name, metrics in overall.get("per_generator", {}).items()]
+    calibration = report.get("calibration", {})
+    views = report.get("preprocess", {})
     parts = [
         f"threshold {overall['threshold']:.4f} "
-        f"(temperature {report.get('calibration', {}).get('temperature', 1.0):g})",
+        f"(temperature {calibration.get('temperature', 1.0):g}, "
+        f"bias {calibration.get('bias', 0.0):g}); accuracy is at this stored threshold"
+        + (
+            f"; {views.get('policy')} x {views.get('views')} view(s), {views.get('aggregate')}"
+            if views
+            else ""
+        ),
         table(rows, COLUMNS, HEADERS),
     ]
+    aligned = report.get("aligned")
+    if aligned:
+        parts.append(align_table(report))
     source = overall.get("source_accuracy")
     if source is not None:
         parts.append(f"source attribution accuracy (known generators): {source:.4f}")
@@ -61,3 +96,29 @@ def render(report: dict[str, Any]) -> str:
             )
         )
     return "\n".join(parts)
+
+
+ALIGN_COLUMNS = ("accuracy", "balanced_accuracy", "tpr_at_1pct_fpr", "ap", "auc")
+
+
+def align_table(report: dict[str, Any]) -> str:
+    """Plain vs aligned (one format, quality and size policy for every image), per row."""
+    plain, aligned = report["overall"], report["aligned"]["overall"]
+    names = ["all", *plain.get("per_generator", {})]
+    rows = []
+    for name in names:
+        p = plain if name == "all" else plain["per_generator"].get(name, {})
+        a = aligned if name == "all" else aligned.get("per_generator", {}).get(name, {})
+        row: dict[str, Any] = {}
+        for column in ALIGN_COLUMNS:
+            row[f"p_{column}"], row[f"a_{column}"] = p.get(column), a.get(column)
+        rows.append((name if name == "all" else f"  {name}", row))
+    columns = [f"{side}_{c}" for c in ALIGN_COLUMNS for side in ("p", "a")]
+    headers = [
+        f"{h} {side}"
+        for h in ("acc", "bal", "TPR@1%", "AP", "AUC")
+        for side in ("plain", "aligned")
+    ]
+    lines = [f"aligned: {report['aligned']['policy']}", table(rows, columns, headers)]
+    lines += [f"WARNING: {w}" for w in report["aligned"].get("warnings", [])]
+    return "\n".join(lines)
