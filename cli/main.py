@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from clipguard.bench import command as bench
 from clipguard.cli import (
     broker,
-    calibrate,
+    dashboard_png,
     demo,
     export,
     predict,
@@ -42,13 +42,13 @@ COMMANDS = (
     demo,
     train,
     evaluate,
-    calibrate,
     predict,
     export,
     broker,
     produce,
     bench,
     schema,
+    dashboard_png,
 )
 
 

@@ -99,7 +99,6 @@ OTHER_VARIABLES = frozenset(
         "CLIPGUARD_TEST_BROKER",
         "CLIPGUARD_TEST_KAFKA_IMAGE",
         "CLIPGUARD_LOG_FORMAT",  # read by the command line for every command (cli/main.py)
-        "CLIPGUARD_TEST_DASHBOARD_PNG",  # tests/test_prometheus_live.py draws the dashboard
     }
 )
 
