@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from clipguard.bench import command as bench
 from clipguard.cli import (
     broker,
+    calibrate,
     dashboard_png,
     demo,
     export,
@@ -42,6 +43,7 @@ COMMANDS = (
     demo,
     train,
     evaluate,
+    calibrate,
     predict,
     export,
     broker,
