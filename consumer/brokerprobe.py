@@ -44,7 +44,8 @@ class BrokerProbe:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=PROBE_TIMEOUT_MS / 1000 + 2)
+        if self._thread.ident is not None:  # the worker may stop before the probe started
+            self._thread.join(timeout=PROBE_TIMEOUT_MS / 1000 + 2)
         self._close_admin()
 
     def check(self) -> bool:
