@@ -58,8 +58,8 @@ def test_rebalance_storm_loses_nothing_and_sigterm_exits_within_the_drain_timeou
                 # Its metrics line comes just before warm-up and JoinGroup: the group is about
                 # to rebalance (or is rebalancing) when a peer leaves a moment later.
                 with contextlib.suppress(AssertionError):
-                    joiner.metrics_port(timeout=60)
-                time.sleep(rng.uniform(0.5, 3.0))
+                    joiner.metrics_port(timeout=20)
+                time.sleep(rng.uniform(0.5, 2.0))
                 leavers = [w for w in churn if w.alive()]
                 if len(leavers) >= 2 or (leavers and rng.random() < 0.5):
                     leaver = leavers[0]
@@ -72,7 +72,7 @@ def test_rebalance_storm_loses_nothing_and_sigterm_exits_within_the_drain_timeou
                         kills.append(leaver.name)
                     churn.remove(leaver)
                 churn.append(joiner)
-                time.sleep(rng.uniform(1.0, 4.0))
+                time.sleep(rng.uniform(0.5, 2.0))
         # The remaining churn workers stop gracefully too (also measured); the anchor settles.
         for worker in churn:
             if worker.alive():
