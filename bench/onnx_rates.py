@@ -22,7 +22,7 @@ from clipguard.detector.onnx_parity import ParityError, batch_independence
 from clipguard.detector.onnx_runtime import MissingExtraError, open_session, require_extra
 
 PARITY_IMAGES = 64
-CALIBRATION_IMAGES = 64
+CALIBRATION_IMAGES = 128
 VARIANTS = ("fp32", "int8", "int8_dynamic")
 
 

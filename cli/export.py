@@ -38,7 +38,7 @@ class ExportSettings(ClipguardSettings):
     quantize: Literal["none", "int8"] = "none"
     #: A folder of images like the training data, for int8 activation ranges (default: zoo).
     calibration: Path | None = None
-    calibration_images: int = Field(default=64, ge=1, le=10_000)
+    calibration_images: int = Field(default=128, ge=1, le=10_000)
     parity_images: int = Field(default=64, ge=2, le=10_000)
     threads: int | None = Field(default=None, ge=1)
 
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--out", type=Path, help="the .onnx file to write")
     add_flag(parser, "--quantize", choices=["none", "int8"], help="none (fp32) or int8 (static)")
     add_flag(parser, "--calibration", type=Path, help="int8: folder of training-like images")
-    add_flag(parser, "--calibration-images", dest="calibration_images", type=int, help="64")
+    add_flag(parser, "--calibration-images", dest="calibration_images", type=int, help="128")
     add_flag(parser, "--parity-images", dest="parity_images", type=int, help="held-out, 64")
     add_flag(parser, "--threads", type=int, help="torch threads while exporting")
     parser.add_argument("--config", help="TOML file with settings")
@@ -94,7 +94,12 @@ def summary(out: Path, record: dict[str, Any]) -> list[str]:
         f"parity   vs torch fp32 on {parity['images']} held-out zoo images: max |delta ai_score| "
         f"{parity['max_abs_delta_ai_score']:.2e}, p99 {parity['p99_abs_delta_ai_score']:.2e}, "
         f"max |delta source prob| {parity['max_abs_delta_source_prob']:.2e}, decisions "
-        f"identical {parity['same_decisions']:.1%}",
+        f"identical {parity['same_decisions']:.1%}"
+        + (
+            f" (every flip within {parity['flip_max_margin']:.4f} of a threshold)"
+            if parity.get("flip_max_margin") is not None
+            else ""
+        ),
         f"batch    each image alone vs in batches of {batch['batch']}: max |delta ai_score| "
         f"{batch['max_abs_delta_ai_score']:.2e}",
         "tolerance " + ", ".join(f"{k} {v:g}" for k, v in record["tolerances"].items()),

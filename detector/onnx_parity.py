@@ -76,6 +76,9 @@ def agreement(
             for a, r in zip(ai, ref_ai, strict=True)
         ]
     )
+    flipped = ~(same_label & same_policy)
+    cuts = np.array([threshold, policy.review_at, policy.block_at])
+    margin = np.abs(ref_ai[flipped, None] - cuts[None, :]).min(axis=1) if flipped.any() else None
     return {
         "images": len(ai),
         "max_abs_delta_ai_score": float(delta.max()),
@@ -84,6 +87,8 @@ def agreement(
         "same_labels": float(same_label.mean()),
         #: Label and allow/review/block both unchanged.
         "same_decisions": float((same_label & same_policy).mean()),
+        #: How far from a threshold the flipped images' torch scores were (None: no flips).
+        "flip_max_margin": None if margin is None else float(margin.max()),
         "reference_ai_score_range": [float(ref_ai.min()), float(ref_ai.max())],
     }
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from clipguard.detector.onnx_runtime import INPUT, require_onnxruntime
+from clipguard.detector.onnx_runtime import INPUT, require_extra
+from clipguard.detector.onnx_sensitive import fp32_nodes
 
 QuantizeMode = Literal["static", "dynamic"]
 #: Only the matrix products are quantised: LayerNorm, softmax and GELU stay in fp32, where
@@ -61,7 +62,8 @@ def quantize_int8(
     ``calibration`` (K,3,S,S) preprocessed images are required for ``static``: images like
     the training data, so the fixed ranges cover what the model will see.
     """
-    require_onnxruntime()
+    onnx = require_extra("onnx")
+    require_extra("onnxruntime")
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -75,15 +77,18 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="clipguard-quant-") as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        excluded = fp32_nodes(onnx.load(str(prepared)).graph, QUANTIZED_OPS)
+        done = {"quantize": "int8", "ops": list(QUANTIZED_OPS), "fp32_nodes": len(excluded)}
         if mode == "dynamic":
             quantize_dynamic(
                 str(prepared),
                 str(out),
                 op_types_to_quantize=list(QUANTIZED_OPS),
+                nodes_to_exclude=excluded,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
             )
-            return {"quantize": "int8", "mode": "dynamic", "ops": list(QUANTIZED_OPS)}
+            return {**done, "mode": "dynamic"}
         if calibration is None or len(calibration) == 0:
             raise ValueError("static int8 quantisation needs calibration images")
         quantize_static(
@@ -92,15 +97,15 @@ def quantize_int8(
             _Calibration(_batches(calibration)),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=excluded,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
     return {
-        "quantize": "int8",
+        **done,
         "mode": "static",
-        "ops": list(QUANTIZED_OPS),
         "calibration_images": len(calibration),
         "calibrate_method": "minmax",
     }
