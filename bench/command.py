@@ -36,6 +36,7 @@ from clipguard.bench.stages import (
     measure_model,
     model_batch,
 )
+from clipguard.bench.views import measure_views
 from clipguard.bench.worker import (
     BenchEnv,
     fresh_topics,
@@ -63,8 +64,10 @@ from clipguard.detector import (
     save_checkpoint,
 )
 from clipguard.detector.backbones import TINY_BACKBONE
+from clipguard.detector.preprocess import MAX_VIEWS
 from clipguard.devbroker.broker import EmbeddedBroker
 from clipguard.training import zoo
+from clipguard.training.presets import DATA_VIEWS
 
 LATENCY_LOADS = (0.5, 0.9)
 #: How long the worker's backlog should take to drain at the model's speed, when --events
@@ -105,6 +108,9 @@ class BenchSettings(ClipguardSettings):
     skip_latency: bool = False
     skip_memory: bool = False
     skip_onnx: bool = False
+    skip_views: bool = False
+    #: The view count compared with one view (default: clipguard train's default for --data).
+    views: int = Field(default=DATA_VIEWS, ge=1, le=MAX_VIEWS)
 
     @field_validator("burst_size")
     @classmethod
@@ -206,7 +212,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--burst-size", dest="burst_size", help="WIDTHxHEIGHT (4000x3000)")
     add_flag(parser, "--timeout", type=float, help="seconds any one measurement may take")
     add_flag(parser, "--seed", type=int)
-    for name in ("naive", "latency", "memory", "onnx"):
+    add_flag(parser, "--views", type=int, help=f"views compared with one (default {DATA_VIEWS})")
+    for name in ("naive", "latency", "memory", "onnx", "views"):
         parser.add_argument(
             f"--skip-{name}",
             dest=f"skip_{name}",
@@ -408,6 +415,11 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
             EngineConfig(device="cpu", max_batch_size=settings.batch_size, threads=threads),
             settings.duration,
             note,
+        )
+    if not settings.skip_views:
+        note(f"views: 1 and {settings.views} per image, model and decode+views")
+        report["views"] = measure_views(
+            engine, mix, settings.batch_size, (1, settings.views), settings.duration
         )
     note(f"decode+preprocess: one thread for {settings.duration:g}s")
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clipguard.bench.onnx_rates import onnx_lines
+from clipguard.bench.views import views_lines
 
 EFFICIENCY_TARGET = 0.9
 HALF_LOAD = 0.5
@@ -129,6 +130,7 @@ def table(report: dict[str, Any]) -> str:
     elif precision:
         lines.append(f"{'    fp32 / bf16 weights':<30}{'':>10}  {precision['skipped']}")
     lines += onnx_lines(report.get("onnx"), model["images_per_s"], machine["dtype"])
+    lines += views_lines(report.get("views"))
     lines += [
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "

@@ -54,7 +54,7 @@ class EvalSettings(ClipguardSettings):
     view_aggregation: Literal["mean", "max"] | None = None
     #: Also score every image re-encoded one way (training/align.py): format-shortcut check.
     align: bool = False
-    align_quality: int = Field(default=90, ge=1, le=100)
+    align_quality: int = Field(default=75, ge=1, le=100)
     align_size: int = Field(default=256, ge=16)
 
     @field_validator("data")
@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="also score every image as one JPEG quality and size; warn on a large gap",
     )
-    add_flag(parser, "--align-quality", dest="align_quality", type=int, help="default 90")
+    add_flag(parser, "--align-quality", dest="align_quality", type=int, help="default 75")
     add_flag(
         parser,
         "--align-size",

@@ -26,7 +26,13 @@ from clipguard.training.folders import DatasetError, carve_splits
 from clipguard.training.layouts import LAYOUTS, read_dataset
 from clipguard.training.loop import TrainConfig
 from clipguard.training.modes import MODES
-from clipguard.training.presets import PRESETS, preset_defaults
+from clipguard.training.presets import (
+    DATA_CROP_GRID,
+    DATA_PREPROCESS,
+    DATA_VIEWS,
+    PRESETS,
+    preset_defaults,
+)
 from clipguard.training.recipes import (
     SYNTHETIC_NOTICE,
     TrainedCheckpoint,
@@ -37,11 +43,6 @@ from clipguard.training.recipes import (
 from clipguard.training.state import state_dir_for
 
 log = logging.getLogger("clipguard.train")
-
-#: Measured defaults for --data (docs/training.md "Choosing the preprocessing").
-DATA_PREPROCESS = "crop"
-DATA_VIEWS = 1
-DATA_CROP_GRID = 8
 
 Layout = Literal["auto", "wang2020", "ufd", "genimage", "cifake", "imagefolder", "zoo", "manifest"]
 assert set(Layout.__args__) == set(LAYOUTS)  # type: ignore[attr-defined]

@@ -60,6 +60,12 @@ def test_bench_tiny_writes_every_section_with_consistent_ratios(
     for section in (*SECTIONS, "latency", "memory", "noise"):
         assert report.get(section), section
     assert "bottleneck" in printed and "efficiency" in printed and "batching gain" in printed
+    views = report["views"]  # the cost of views: 1 against the default count, same mix
+    assert views["policy"] == "crop" and "view(s)" in printed
+    assert views["counts"]["1"]["views_per_image"] == 1
+    assert views["counts"]["5"]["views_per_image"] == 5  # 128-px mix, 64-px native crops
+    for row in views["counts"].values():
+        assert row["model_images_per_s"] > 0 and row["decode_images_per_s_per_core"] > 0
 
     stages = report["stages"]
     model, decode, broker = stages["model"], stages["decode"], stages["broker"]

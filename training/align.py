@@ -31,7 +31,7 @@ class AlignPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: str = "JPEG"
-    quality: int = Field(default=90, ge=1, le=100)
+    quality: int = Field(default=75, ge=1, le=100)
     #: Centre square of at most this many pixels (cropped, never resampled).
     size: int = Field(default=256, ge=16)
 

@@ -16,6 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+#: ``clipguard train --data`` without --preprocess/--views/--crop-grid: chosen from the
+#: measurements in docs/training.md "Choosing the preprocessing" (the bench measures the cost
+#: of DATA_VIEWS against one view).
+DATA_PREPROCESS = "crop"
+DATA_VIEWS = 5
+DATA_CROP_GRID = 8
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "mode": "full",
@@ -36,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": "ViT-L-14",
         "pretrained": "openai",
         "preprocess": "crop",
+        "views": 1,  # UFD scores one centre crop
         "lr": 1e-4,
         "batch_size": 256,
         "epochs": 50,
