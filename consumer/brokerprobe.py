@@ -52,11 +52,12 @@ class BrokerProbe:
         """One round trip; True when the broker answered."""
         try:
             if self._admin is None:
-                self._admin = KafkaAdminClient(
+                kwargs = {
                     **self.client_kwargs,
-                    request_timeout_ms=PROBE_TIMEOUT_MS,
-                    client_id=f"{self.client_kwargs.get('client_id', 'clipguard')}-probe",
-                )
+                    "request_timeout_ms": PROBE_TIMEOUT_MS,
+                    "client_id": f"{self.client_kwargs.get('client_id', 'clipguard')}-probe",
+                }
+                self._admin = KafkaAdminClient(**kwargs)
             self._admin.list_topics()
         except Exception as exc:  # noqa: BLE001 - any failure means "did not answer"
             log.debug("broker probe failed: %s: %s", type(exc).__name__, exc)

@@ -165,6 +165,10 @@ class KafkaSettings(ClipguardSettings):
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
+            # A restarted broker is found again within seconds, not after kafka-python's
+            # 30 s default backoff; bootstrap gives up after 10 s so the caller can retry.
+            "reconnect_backoff_max_ms": 2000,
+            "bootstrap_timeout_ms": 10_000,
         }
         if self.sasl_mechanism:
             kwargs["sasl_mechanism"] = self.sasl_mechanism

@@ -51,6 +51,10 @@ RECORD_ERRORS = (
     OutputTooLargeError,
 )
 RESEND_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+#: An output that failed this often while the broker answers gets a new producer...
+REBUILD_AFTER_ATTEMPTS = 2
+#: ...at most this often.
+REBUILD_INTERVAL_S = 10.0
 
 
 class PublishError(ClipguardError):
@@ -82,8 +86,13 @@ class Publisher:
         fail: Callable[[BaseException], None],
         transaction: TransactionCommitter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        producer_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.producer = producer
+        self.producer_factory = producer_factory
+        self._rebuilt_at = clock()
+        self._next_warning = 0.0
+        self._failures_since_warning = 0
         self.fitter = fitter
         self.tracker = tracker
         self.metrics = metrics
@@ -92,7 +101,8 @@ class Publisher:
         self.transaction = transaction
         self.clock = clock
         self._lock = threading.Lock()
-        self._resend: list[tuple[float, int, Outcome, int]] = []  # (due, seq, outcome, attempt)
+        # (due, seq, outcome, attempt, first sent at)
+        self._resend: list[tuple[float, int, Outcome, int, float]] = []
         self._seq = itertools.count()
         self._unacked: dict[int, float] = {}  # send id -> sent at
         self.on_published: Callable[[Outcome], None] = lambda outcome: None
@@ -118,13 +128,41 @@ class Publisher:
             with self._lock:
                 if not self._resend or self._resend[0][0] > now:
                     return
-                _, _, outcome, attempt = heapq.heappop(self._resend)
+                _, _, outcome, attempt, first_sent = heapq.heappop(self._resend)
+            if attempt >= REBUILD_AFTER_ATTEMPTS:
+                self._maybe_rebuild(now)
             if self._current(outcome):
-                self._send(outcome, attempt)
+                self._send(outcome, attempt, first_sent)
+
+    def _maybe_rebuild(self, now: float) -> None:
+        """A producer that keeps failing after the broker came back may be dead for good
+        (kafka-python's idempotent producer goes fatal when a restarted broker has lost its
+        producer state): replace it. Its unsent records fail and are queued again."""
+        if self.producer_factory is None or now - self._rebuilt_at < REBUILD_INTERVAL_S:
+            return
+        self._rebuilt_at = now
+        if not self.health.broker_reachable():
+            return  # the broker is away: a new producer would fail the same way
+        try:
+            fresh = self.producer_factory()
+        except Exception as exc:  # noqa: BLE001 - keep the old one, try again later
+            log.warning("could not build a new producer yet: %s", exc)
+            return
+        old, self.producer = self.producer, fresh
+        log.warning("outputs kept failing while the broker answers: replaced the producer")
+        self.metrics.errors.labels(stage="producer_rebuilt").inc()
+        try:
+            old.close(timeout=0)
+        except Exception as exc:  # noqa: BLE001 - a dead producer may not close cleanly
+            log.debug("closing the old producer: %s", exc)
 
     def oldest_unacked(self) -> float | None:
+        """When the oldest output still waiting (sent, or queued to be sent again) was first
+        sent: a publisher stuck retrying shows here and fails liveness."""
         with self._lock:
-            return min(self._unacked.values(), default=None)
+            sent = min(self._unacked.values(), default=None)
+            queued = min((entry[4] for entry in self._resend), default=None)
+        return min((t for t in (sent, queued) if t is not None), default=None)
 
     def pending(self) -> int:
         with self._lock:
@@ -138,17 +176,18 @@ class Publisher:
             (record.topic, record.partition), outcome.epoch
         )
 
-    def _send(self, outcome: Outcome, attempt: int) -> None:
+    def _send(self, outcome: Outcome, attempt: int, first_sent: float | None = None) -> None:
+        first_sent = self.clock() if first_sent is None else first_sent
         try:
             records = self.fitter.records(outcome)
         except OutputTooLargeError as exc:
-            self._failed(outcome, attempt, exc)
+            self._failed(outcome, attempt, exc, first_sent)
             return
         send_id = next(self._seq)
         remaining = [len(records)]
         settled = [False]
         with self._lock:
-            self._unacked[send_id] = self.clock()
+            self._unacked[send_id] = first_sent
 
         def on_success(_: Any) -> None:
             self.health.broker_answered()
@@ -170,11 +209,12 @@ class Publisher:
                     return
                 settled[0] = True
                 self._unacked.pop(send_id, None)
-            self._failed(outcome, attempt, exc)
+            self._failed(outcome, attempt, exc, first_sent)
 
+        producer = self.producer
         for record in records:
             try:
-                future = self.producer.send(
+                future = producer.send(
                     record.topic, key=record.key, value=record.value, headers=record.headers
                 )
             except Exception as exc:  # noqa: BLE001 - routed below, like an async failure
@@ -183,7 +223,9 @@ class Publisher:
             future.add_callback(on_success)
             future.add_errback(on_error)
 
-    def _failed(self, outcome: Outcome, attempt: int, exc: BaseException) -> None:
+    def _failed(
+        self, outcome: Outcome, attempt: int, exc: BaseException, first_sent: float
+    ) -> None:
         """Producer IO thread: decide, never send from here (a full buffer would block it)."""
         self.metrics.errors.labels(stage="publish").inc()
         if self.transaction is not None:
@@ -194,18 +236,35 @@ class Publisher:
             else:
                 rerouted = self._rerouted(outcome, exc)
                 self.on_rerouted(rerouted)
-                self._queue(rerouted, 0, 0.0)
+                self._queue(rerouted, 0, 0.0, first_sent)
         elif isinstance(exc, (KafkaError, OSError)):
-            self.health.broker_failed()
             delay = RESEND_BACKOFF_S[min(attempt, len(RESEND_BACKOFF_S) - 1)]
-            log.warning("output not acknowledged (%s); sending again in %.1fs", exc, delay)
-            self._queue(outcome, attempt + 1, delay)
+            self._warn_resend(exc, delay)
+            self._queue(outcome, attempt + 1, delay, first_sent)
         else:
             self.fail(PublishError(f"output failed: {type(exc).__name__}: {exc}"))
 
-    def _queue(self, outcome: Outcome, attempt: int, delay: float) -> None:
+    def _queue(self, outcome: Outcome, attempt: int, delay: float, first_sent: float) -> None:
         with self._lock:
-            heapq.heappush(self._resend, (self.clock() + delay, next(self._seq), outcome, attempt))
+            entry = (self.clock() + delay, next(self._seq), outcome, attempt, first_sent)
+            heapq.heappush(self._resend, entry)
+
+    def _warn_resend(self, exc: BaseException, delay: float) -> None:
+        """One line per 10 s, with how many outputs failed meanwhile (not one per output)."""
+        now = self.clock()
+        with self._lock:
+            self._failures_since_warning += 1
+            if now < self._next_warning:
+                return
+            count, self._failures_since_warning = self._failures_since_warning, 0
+            self._next_warning = now + 10.0
+        log.warning(
+            "%d output(s) not acknowledged (last: %s: %s); sending again after %.1fs",
+            count,
+            type(exc).__name__,
+            str(exc)[:200],
+            delay,
+        )
 
     def _rerouted(self, outcome: Outcome, exc: BaseException) -> Outcome:
         """The record's own output was refused: its input is dead-lettered instead."""

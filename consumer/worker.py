@@ -286,6 +286,7 @@ class Worker:
                 self.fail,
                 transaction,
                 self.clock,
+                producer_factory=None if settings.exactly_once else lambda: make_producer(settings),
             )
             self.publisher.on_rerouted = self._rerouted
             self.health.watch_outputs(self.publisher.oldest_unacked)
@@ -335,13 +336,15 @@ class Worker:
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     consumer.close(autocommit=False)
+            if self.publisher is not None:  # it may have replaced the producer
+                producer = self.publisher.producer
             if producer is not None:
                 with contextlib.suppress(Exception):
                     producer.close(timeout=settings.produce_timeout_s)
             if self.metrics_server is not None:
                 self.metrics_server.stop()
-        if self._failure is not None:
-            raise self._failure
+            if self._failure is not None:  # also when set-up gave up (no broker at all)
+                raise self._failure
 
     # -- set-up ---------------------------------------------------------------------------
 
