@@ -2,7 +2,8 @@
 
 The checkpoint is exported as ``clipguard export`` does it (fp32, and int8 with static
 quantisation calibrated on zoo images), each file served by the ONNX engine and timed by
-the same :func:`measure_model` as torch, at the same batch and thread count. Dynamic int8
+the same :func:`measure_model` as torch, at the same batch and thread count, twice
+interleaved (the better run counts, as for the torch model stage). Dynamic int8
 is timed too, with its batch dependence, because that is the measurement behind choosing
 static quantisation (docs/onnx.md).
 """
@@ -19,7 +20,7 @@ import torch
 from clipguard.bench.stages import measure_model
 from clipguard.detector import EngineConfig, load_checkpoint
 from clipguard.detector.onnx_parity import ParityError, batch_independence
-from clipguard.detector.onnx_runtime import MissingExtraError, open_session, require_extra
+from clipguard.detector.onnx_runtime import MissingExtraError, require_extra
 
 PARITY_IMAGES = 64
 CALIBRATION_IMAGES = 128
@@ -58,18 +59,20 @@ def measure_onnx(
             return {"skipped": str(exc), "record": exc.record}
         quantize_int8(files["fp32"], files["int8_dynamic"], "dynamic")
         result["parity_fp32"], result["parity_int8"] = fp32["parity"], int8["parity"]
-        for name in VARIANTS:
-            note(f"model only on onnx {name}: batches of {batch.shape[0]} for {duration_s:g}s")
-            engine = OnnxEngine(files[name], config)
-            result[f"{name}_images_per_s"] = measure_model(engine, batch, duration_s)[
-                "images_per_s"
-            ]
-            note(f"  {result[f'{name}_images_per_s']:.1f} images/s")
-            session = open_session(files[name], config.threads)
-            result[f"{name}_batch_max_abs_delta"] = batch_independence(session, held_out[:32])[
-                "max_abs_delta_ai_score"
-            ]
-            del engine, session
+        engines = {name: OnnxEngine(files[name], config) for name in VARIANTS}
+        # Interleaved twice, the better run counts: other load only ever slows one down.
+        for round_ in (1, 2):
+            for name, engine in engines.items():
+                note(f"model only on onnx {name} ({round_}/2): batches of {batch.shape[0]}")
+                rate = measure_model(engine, batch, duration_s)["images_per_s"]
+                key = f"{name}_images_per_s"
+                result[key] = max(rate, result.get(key, 0.0))
+                note(f"  {rate:.1f} images/s")
+        for name, engine in engines.items():
+            result[f"{name}_batch_max_abs_delta"] = batch_independence(
+                engine.session, held_out[:32]
+            )["max_abs_delta_ai_score"]
+        del engines
     return result
 
 
