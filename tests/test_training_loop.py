@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipguard.detector import InferenceEngine, read_manifest
+from clipguard.detector import EngineConfig, InferenceEngine, read_manifest
 from clipguard.training import zoo
 from clipguard.training.evaluate import score_items
 from clipguard.training.loop import TrainConfig
@@ -66,7 +66,9 @@ def test_full_training_beats_chance_by_a_wide_margin(learned: TrainedCheckpoint)
 
 
 def _assert_engine_matches(trained: TrainedCheckpoint, n_test: int) -> None:
-    engine = InferenceEngine.from_checkpoint(trained.path)  # the worker's loading path
+    # The worker's loading path, in fp32 as training scored it (dtype=auto may pick bf16 on a
+    # CPU with bf16 units: agreement within 0.01, tests/test_precision.py, not bit equality).
+    engine = InferenceEngine.from_checkpoint(trained.path, EngineConfig(dtype="float32"))
     items = zoo_items(n_test, size=64, seed=2, classes=CLASSES)  # train_synthetic's test set
     served = score_items(engine, items)
     assert trained.test_scores is not None

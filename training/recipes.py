@@ -137,7 +137,9 @@ def train_and_save(
         preprocess=preprocess,
         training=training,
     )
-    engine_config = EngineConfig(device=config.device)
+    # fp32: the reference arithmetic, and an engine that picks bf16 converts its module in
+    # place, which would change the weights this run saves.
+    engine_config = EngineConfig(device=config.device, dtype="float32")
     engine = InferenceEngine(detector, manifest, engine_config)
     if val_items:
         manifest, calibration_info = _calibrated(engine, manifest, val_items, target_fpr)
