@@ -111,7 +111,7 @@ def test_calibration_meets_the_target_fpr_on_its_validation_set(
     assert calibration.target_fpr == 0.05
     assert calibration.temperature > 0
     assert policy.review_at == calibration.threshold <= policy.block_at
-    engine = InferenceEngine.from_checkpoint(learned.path)
+    engine = InferenceEngine.from_checkpoint(learned.path, EngineConfig(dtype="float32"))
     val = score_items(engine, zoo_items(N_VAL, size=64, seed=1, classes=CLASSES))
     reals = val.ai_scores[torch.tensor(~val.is_fake)]
     fpr = int((reals >= calibration.threshold).sum()) / len(reals)
