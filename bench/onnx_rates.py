@@ -42,6 +42,7 @@ def measure_onnx(
         return {"skipped": str(exc)}
     from clipguard.cli.export import CALIBRATION_SEED, HELD_OUT_SEED, zoo_pixels
     from clipguard.detector.onnx_engine import OnnxEngine
+    from clipguard.detector.onnx_export import set_metadata
     from clipguard.detector.onnx_pipeline import export_onnx
     from clipguard.detector.onnx_quantize import quantize_int8
 
@@ -57,7 +58,8 @@ def measure_onnx(
             int8 = export_onnx(detector, manifest, files["int8"], held_out, "int8", calibration)
         except ParityError as exc:
             return {"skipped": str(exc), "record": exc.record}
-        quantize_int8(files["fp32"], files["int8_dynamic"], "dynamic")
+        dynamic = quantize_int8(files["fp32"], files["int8_dynamic"], "dynamic")
+        set_metadata(files["int8_dynamic"], manifest, dynamic)  # says what it is
         result["parity_fp32"], result["parity_int8"] = fp32["parity"], int8["parity"]
         engines = {name: OnnxEngine(files[name], config) for name in VARIANTS}
         # Interleaved twice, the better run counts: other load only ever slows one down.

@@ -132,7 +132,8 @@ def test_dynamic_int8_depends_on_the_batch_which_is_why_static_is_used(
 ) -> None:
     """The measurement behind the choice: per-batch activation scales move scores."""
     dynamic = tmp_path / "dynamic.onnx"
-    quantize_int8(exported["fp32"], dynamic, "dynamic")
+    record = quantize_int8(exported["fp32"], dynamic, "dynamic")
+    assert record["mode"] == "dynamic" and record["fp32_nodes"] > 0
     pixels = zoo_pixels(PARITY, OnnxEngine(exported["fp32"]).preprocess, CALIBRATION_SEED)
     measured = batch_independence(open_session(dynamic, threads=1), pixels)
     assert measured["max_abs_delta_ai_score"] > BATCH_MAX_DELTA
