@@ -65,9 +65,23 @@ def warnings_for(plain: dict[str, Any], aligned: dict[str, Any], policy: AlignPo
             found.append(
                 f"{name}: {worst} once every image is a {policy.format} q{policy.quality} "
                 f"centre square <= {policy.size} px: the detector may have learned a format "
-                "or size shortcut rather than real-vs-generated"
+                f"or size shortcut rather than real-vs-generated{_direction(p, a)}"
             )
     return found
+
+
+def _direction(plain: dict[str, Any], aligned: dict[str, Any]) -> str:
+    """Which class moved: reals newly flagged point at the format/size itself; fakes newly
+    missed at traces (or a fake-only format) that the re-encoding removed."""
+    hints = []
+    for key, what in (
+        ("real_accuracy", "reals newly flagged (their new format or size reads as generated)"),
+        ("fake_accuracy", "fakes newly missed (what it detects does not survive the re-encoding)"),
+    ):
+        p, a = plain.get(key), aligned.get(key)
+        if p is not None and a is not None and p - a > WARN_GAP:
+            hints.append(f"{what}: {key} {p:.3f} -> {a:.3f}")
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def aligned_report(
