@@ -43,7 +43,7 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The tiny checkpoint exported once in fp32 and once in static int8, by the command."""
     out = tmp_path_factory.mktemp("onnx")
     files = {"fp32": out / "tiny.onnx", "int8": out / "tiny-int8.onnx"}
-    common = ["--checkpoint", str(tiny_checkpoint), "--format", "onnx", "--threads", "1"]
+    common = ["--checkpoint", str(tiny_checkpoint), "--format", "onnx"]
     sizes = ["--parity-images", str(PARITY), "--calibration-images", "16"]
     assert main(["export", *common, "--out", str(files["fp32"]), *sizes]) == 0
     assert main(["export", *common, "--out", str(files["int8"]), "--quantize", "int8", *sizes]) == 0
