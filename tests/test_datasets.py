@@ -10,8 +10,8 @@ from PIL import Image
 
 from clipguard.detector.preprocess import PreprocessConfig
 from clipguard.training import zoo
-from clipguard.training.data import UNKNOWN_SOURCE, DetectorDataset, collate_valid
-from clipguard.training.folders import DatasetError, carve_splits
+from clipguard.training.data import UNKNOWN_SOURCE, DetectorDataset, LabelledImage, collate_valid
+from clipguard.training.folders import DatasetError, FolderDataset, carve_splits
 from clipguard.training.layouts import LayoutError, detect_layout, read_dataset
 from clipguard.training.manifests import parse_label
 
@@ -189,6 +189,16 @@ def test_carve_val_from_train_is_stratified_and_deterministic(tmp_path: Path) ->
     assert [i.path for i in first.splits["val"]] == [i.path for i in second.splits["val"]]
     assert _by_source(first.splits["val"], first.classes) == {"real": 2, "gan": 2}
     assert len(first.splits["train"]) == 16
+
+
+def test_carved_val_takes_enough_of_every_source() -> None:
+    """10% of a 150-image source is 15: too few to set a threshold on; it takes 30 (a fifth)."""
+    items = [LabelledImage(source=s, path=Path(f"{s}-{i}.png")) for s in (0, 1) for i in range(150)]
+    items += [LabelledImage(source=2, path=Path(f"2-{i}.png")) for i in range(1000)]
+    ds = FolderDataset(classes=["real", "gan", "diffusion"], splits={"train": items})
+    carve_splits(ds, val_fraction=0.1, seed=0)
+    assert _by_source(ds.splits["val"], ds.classes) == {"real": 30, "gan": 30, "diffusion": 100}
+    assert len(ds.splits["train"]) == len(items) - 160
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:

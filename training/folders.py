@@ -34,6 +34,11 @@ SPLIT_ALIASES = {"valid": "val", "validation": "val", "eval": "test", "testing":
 GENERIC_FAKE = "fake"
 
 
+#: A carved validation split takes at least this many images of each source (or a fifth of
+#: the source, if smaller): a 10% slice of a small source is too few to set a threshold on.
+MIN_VAL_PER_SOURCE = 50
+
+
 class DatasetError(ValueError):
     """A dataset that cannot be read as asked: no images, no generated images, bad layout."""
 
@@ -241,6 +246,8 @@ def _stratified(
         group = list(by_source[source])
         random.Random(f"{seed}/{source}").shuffle(group)
         n_val = round(len(group) * fractions[0])
+        if fractions[0] > 0:  # enough per source for a threshold that holds (docs/training.md)
+            n_val = max(n_val, min(MIN_VAL_PER_SOURCE, len(group) // 5))
         n_test = round(len(group) * fractions[1])
         val += group[:n_val]
         test += group[n_val : n_val + n_test]
