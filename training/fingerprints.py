@@ -14,9 +14,10 @@ generators leave traces of other periods:
 - ``block8_vae``: too clean (no sensor noise) with a faint fixed 8x8 tile, as an x8
   latent decoder leaves (period 8, like JPEG's blocks).
 
-Every trace is a few grey levels (standard deviation 4 of 255), so a resize that shrinks the image by 1.5-2.5x (what the
-tiny backbone's 64-pixel input does to these images) averages it away; a native crop keeps
-it. Same scene renderer for every source, PNG for every source (no format shortcut).
+Every trace is a few grey levels (standard deviation 4 of 255), so a resize that shrinks the
+image by 1.25-2.5x (what the tiny backbone's 64-pixel input does to these images) averages it
+away; a native crop keeps it. Same scene renderer for every source, PNG for every source (no
+format shortcut).
 """
 
 from __future__ import annotations
