@@ -46,6 +46,8 @@ SERVE_HELP = {
     "fetch_allow_cidrs": "ranges the SSRF guard would refuse that may be fetched, comma-separated",
     "review_at": "override the checkpoint's review threshold",
     "block_at": "override the checkpoint's block threshold",
+    "views": "views per image (override the checkpoint's input contract; 1 = one crop)",
+    "view_aggregation": "aggregate the views' logits: mean or max (default: the checkpoint's)",
     "broker_retry_timeout_s": "keep retrying an unreachable broker this long, then exit 4",
     "stall_timeout_s": "a worker loop stuck this long fails /livez",
     "assignment_timeout_s": "no partitions and no stable group this long fails /livez",
