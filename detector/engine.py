@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -119,7 +120,9 @@ class InferenceEngine:
             f": {choice.detail}" if choice.detail else "",
         )
         if self.device.type == "cpu" and self.dtype != torch.float32:
-            self.model = self.model.to(self.dtype)  # weights and inputs, never CPU autocast
+            # Weights and inputs, never CPU autocast; on a copy, so the caller's model (a
+            # training loop's, say) stays fp32.
+            self.model = copy.deepcopy(self.model).to(self.dtype)
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         overrides = {"views": self.config.views, "aggregate": self.config.aggregate}

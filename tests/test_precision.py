@@ -18,25 +18,31 @@ from clipguard.detector.precision import (
 )
 
 
-def test_no_native_bf16_means_fp32_without_measuring(tiny_checkpoint: Path) -> None:
+def test_without_amx_auto_stays_fp32_whatever_else_the_cpu_has(tiny_checkpoint: Path) -> None:
     detector, manifest = load_checkpoint(tiny_checkpoint)
-    choice = choose_cpu_dtype(detector.eval(), manifest.preprocess.image_size, flags=[])
-    assert (choice.dtype, choice.reason) == (torch.float32, "no_native_bf16")
+    for flags in ([], ["avx512_bf16"]):
+        choice = choose_cpu_dtype(detector.eval(), manifest.preprocess.image_size, flags=flags)
+        assert (choice.dtype, choice.reason) == (torch.float32, "no_amx")
 
 
-def test_the_choice_follows_the_measurement(tiny_checkpoint: Path) -> None:
-    """Whatever this machine measures, the choice is consistent with what it reports."""
+def test_with_amx_auto_takes_bf16_when_it_agrees_and_leaves_the_model_alone(
+    tiny_checkpoint: Path,
+) -> None:
     detector, manifest = load_checkpoint(tiny_checkpoint)
-    choice = choose_cpu_dtype(detector.eval(), manifest.preprocess.image_size, flags=["x"])
-    speedup = float(choice.detail.split("bf16 ")[1].split("x")[0])
-    delta = float(choice.detail.split("|delta ai_score| ")[1].split(" ")[0])
-    if delta > MAX_SCORE_DELTA:
-        assert choice.reason == "bf16_disagrees" and choice.dtype == torch.float32
-    elif speedup < 1.3:
-        assert choice.reason == "bf16_slower" and choice.dtype == torch.float32
-    else:
-        assert choice.reason == "bf16_faster" and choice.dtype == torch.bfloat16
-    print(f"this machine: {choice.reason}: {choice.detail}")
+    size = manifest.preprocess.image_size
+    choice = choose_cpu_dtype(detector.eval(), size, flags=["amx_bf16", "avx512_bf16"])
+    delta = agreement(detector, torch.bfloat16, size)
+    expected = "amx_bf16" if delta <= MAX_SCORE_DELTA else "bf16_disagrees"
+    assert choice.reason == expected
+    assert all(p.dtype == torch.float32 for p in detector.parameters())  # never converted
+
+
+def test_the_engine_never_converts_the_callers_model(tiny_checkpoint: Path) -> None:
+    detector, manifest = load_checkpoint(tiny_checkpoint)
+    engine = InferenceEngine(detector, manifest, EngineConfig(device="cpu", dtype="bfloat16"))
+    assert all(p.dtype == torch.float32 for p in detector.parameters())
+    if engine.dtype == torch.bfloat16:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
 
 
 def test_explicit_bf16_on_the_cpu_agrees_with_fp32_or_falls_back(tiny_checkpoint: Path) -> None:
