@@ -65,4 +65,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)[-MAX_MESSAGE_CHARS:]
         return json.dumps(line, ensure_ascii=False, default=str)
-
