@@ -34,6 +34,7 @@ from clipguard.bench.stages import (
     measure_broker,
     measure_decode,
     measure_model,
+    measure_provenance,
     model_batch,
 )
 from clipguard.bench.views import measure_views
@@ -424,6 +425,11 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     note(f"decode+preprocess: one thread for {settings.duration:g}s")
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
     note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")
+    note("provenance readers: one thread")
+    report["provenance"] = measure_provenance(mix, DecodeLimits(), min(2.0, settings.duration))
+    report["provenance"]["share_of_decode"] = (
+        report["provenance"]["ms_per_image"] / stages["decode"]["ms_per_image"]
+    )
 
     # Backlogs sized to take PEAK_SECONDS at the slower of the two stages measured so far.
     fastest = min(stages["model"]["images_per_s"], stages["decode"]["images_per_s"])

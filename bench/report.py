@@ -112,11 +112,6 @@ def table(report: dict[str, Any]) -> str:
             f"{_rate(noise['model_images_per_s_at_end'])} images/s ({noise['drift']:+.0%}, "
             "other load on the machine): the better one counts"
         )
-    for kind, cost in decode.get("kinds", {}).items():
-        lines.append(
-            f"{'    decode ' + kind:<30}{_rate(1000 / cost['ms_per_image']):>10}  "
-            f"images/s per core ({cost['ms_per_image']:.1f} ms/image)"
-        )
     precision = report.get("precision")
     if precision and "skipped" not in precision:
         lines.append(
@@ -135,9 +130,23 @@ def table(report: dict[str, Any]) -> str:
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "
         f"({decode['ms_per_image']:.2f} ms/image)",
-        f"{'  broker round trip':<30}{_rate(broker['records_per_s']):>10}  records/s of "
-        f"{_kb(broker['mean_record_bytes'])}, produce+consume; {_usage(broker)}",
     ]
+    for kind, cost in decode.get("kinds", {}).items():
+        lines.append(
+            f"{'    decode ' + kind:<30}{_rate(1000 / cost['ms_per_image']):>10}  "
+            f"images/s per core ({cost['ms_per_image']:.1f} ms/image)"
+        )
+    provenance = report.get("provenance")
+    if provenance:
+        lines.append(
+            f"{'    provenance readers':<30}{'':>10}  {provenance['ms_per_image']:.3f} ms/image "
+            f"({provenance['share_of_decode']:.1%} of decode+preprocess; "
+            f"{', '.join(provenance['readers'])})"
+        )
+    lines.append(
+        f"{'  broker round trip':<30}{_rate(broker['records_per_s']):>10}  records/s of "
+        f"{_kb(broker['mean_record_bytes'])}, produce+consume; {_usage(broker)}"
+    )
     limit = report["limit"]
     lines.append(
         f"{'  limit':<30}{_rate(limit['events_per_s']):>10}  {limit['stage'].upper()} is the "

@@ -17,6 +17,7 @@ from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import InferenceEngine
 from clipguard.detector.errors import ClipguardError
 from clipguard.detector.preprocess import PreprocessConfig, preprocess
+from clipguard.provenance import ProvenanceReader
 
 
 class BenchError(ClipguardError):
@@ -172,6 +173,25 @@ def measure_decode(
             for kind, times in per_kind.items()
         }
     return result
+
+
+def measure_provenance(
+    mix: ImageMix, limits: DecodeLimits, duration_s: float, min_images: int = 20
+) -> dict[str, Any]:
+    """What the worker's provenance readers (C2PA, XMP, EXIF, generator text) cost per upload
+    on one thread, next to decode+preprocess: they run in the decode stage, so their share of
+    it is what they take from the pipeline (docs/provenance.md)."""
+    reader = ProvenanceReader()
+    images = [decode_image(data, limits) for data in mix.jpegs]
+    reader.inspect(mix.jpegs[0], images[0])  # first call loads the C2PA library
+    count, started = 0, time.perf_counter()
+    while count < min_images or time.perf_counter() - started < duration_s:
+        index = count % len(mix.jpegs)
+        reader.inspect(mix.jpegs[index], images[index])
+        count += 1
+    seconds = time.perf_counter() - started
+    reader.close()
+    return {"ms_per_image": 1000 * seconds / count, "images": count, "readers": reader.readers}
 
 
 def _consume_count(consumer: KafkaConsumer, count: int, deadline: float, done: list[float]) -> None:

@@ -131,9 +131,13 @@ class Judge:
         self.metrics.decode_seconds.observe(decode_s)
         evidence: tuple[Evidence, ...] = ()
         if self.provenance is not None:  # never raises, bounded in time by its own budget
-            evidence = tuple(self.provenance.read(image_bytes, image))
+            report = self.provenance.inspect(image_bytes, image)
+            evidence = tuple(report.evidence)
             for found in evidence:
                 self.metrics.evidence.labels(kind=found.kind, claim=found.claim).inc()
+            if report.c2pa_state is not None:
+                self.metrics.c2pa_reads.labels(state=report.c2pa_state).inc()
+            self.metrics.provenance_seconds.observe(sum(report.seconds.values()))
         return Decoded(item, upload, pixels, decode_s, None, evidence)
 
     def failed(self, item: Pending, exc: BaseException, upload: Upload | None) -> Decoded:

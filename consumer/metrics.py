@@ -39,6 +39,8 @@ METRIC_DEFS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ready": ("gauge", ()),
     "evidence": ("counter", ("kind", "claim")),
     "decided_by": ("counter", ("decided_by",)),
+    "c2pa_reads": ("counter", ("state",)),
+    "provenance_seconds": ("histogram", ()),
 }
 
 
@@ -125,6 +127,18 @@ class WorkerMetrics:
             p + "evidence",
             "Provenance evidence found in uploads (docs/provenance.md).",
             ["kind", "claim"],
+            registry=r,
+        )
+        self.c2pa_reads = Counter(
+            p + "c2pa_reads",
+            "Content Credentials reads by outcome: absent, trusted, valid, invalid, ...",
+            ["state"],
+            registry=r,
+        )
+        self.provenance_seconds = Histogram(
+            p + "provenance_seconds",
+            "Time spent reading provenance evidence per upload (decode stage).",
+            buckets=DECODE_BUCKETS,
             registry=r,
         )
         self.decided_by = Counter(

@@ -57,6 +57,7 @@ import yaml
 from conftest import image_bytes
 from kafka import KafkaProducer
 from PIL import Image
+from provenance_assets import png_with_text
 from streams import fresh_topics, worker_settings
 
 from clipguard.cli.dashboard_png import (
@@ -267,6 +268,9 @@ class Traffic:
                     b"{this is not json",
                 ][(tick // 4) % 3]
                 self.producer.send(self.topic, bad)
+            if tick % 8 == 0:  # generator metadata: provenance evidence for its panel
+                b64 = base64.b64encode(png_with_text([("tEXt", "parameters", A1111)])).decode()
+                self.producer.send(self.topic, self.event("good", image_b64=b64))
             if tick % 40 == 0:
                 b64 = base64.b64encode(self.large).decode()
                 self.producer.send(self.topic, self.event("large", image_b64=b64))
@@ -275,6 +279,9 @@ class Traffic:
                 self.producer.send(self.topic, self.event("slow", image_url=self.slow_url(name)))
         self.producer.flush(timeout=30)
         self.producer.close(timeout=30)
+
+
+A1111 = "a cat\nSteps: 20, Sampler: Euler a, Model: sd_xl_base_1.0, Version: v1.6.0"
 
 
 def wait_for(what: str, check: Any, timeout_s: float) -> float:
