@@ -47,6 +47,7 @@ from clipguard.bench.worker import (
     measure_peak,
 )
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
+from clipguard.cli.settings_flags import add_settings_flags
 from clipguard.consumer.config import (
     CheckpointPath,
     ClipguardSettings,
@@ -120,6 +121,31 @@ class BenchSettings(ClipguardSettings):
         return value.lower()
 
 
+BENCH_HELP = {
+    "batch_size": "max batch",
+    "max_batch_wait_ms": "a batch closes this long after its first event",
+    "device": "auto, cpu, cuda, cuda:N",
+    "threads": "torch threads (default: the worker's, cores - 1 on the CPU)",
+    "events": "backlog the worker drains (default: ~15 s of model)",
+    "naive_events": "backlog for the naive consumer, which stops after 2 x --duration",
+    "mix": "zoo JPEGs or an upload-like mix: 8-12 MP phone JPEGs, PNG screenshots, WebP, avatars",
+    "mix_images": "distinct files in the mix",
+    "image_size": "side of the mix's JPEGs (default 128 for small models, 512 for 224 px ones)",
+    "quality": "JPEG quality of the mix",
+    "duration": "seconds per stage capacity",
+    "latency_duration": "seconds of paced load per latency level, at least 30 events",
+    "burst": "large images in the burst (default: in-flight cap + one batch)",
+    "burst_size": "WIDTHxHEIGHT of the burst's images",
+    "timeout": "seconds any one measurement may take",
+    "skip_naive": "leave out the naive consumer",
+    "skip_latency": "leave out the latency levels",
+    "skip_memory": "leave out the memory burst",
+    "skip_onnx": "leave out the ONNX Runtime comparison",
+    "skip_views": "leave out the views cost",
+    "views": "views compared with one",
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -153,16 +179,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="use this Kafka instead of starting the embedded broker",
     )
-    add_flag(parser, "--batch-size", dest="batch_size", type=int, help="max batch (default 32)")
-    add_flag(parser, "--max-batch-wait-ms", dest="max_batch_wait_ms", type=int, help="default 20")
-    add_flag(parser, "--device", help="auto, cpu, cuda, cuda:N")
-    add_flag(parser, "--dtype", help="auto, float32, float16, bfloat16")
-    add_flag(
-        parser,
-        "--threads",
-        type=int,
-        help="torch threads (default: the worker's, cores - 1 on the CPU)",
-    )
     parser.add_argument(
         "--set",
         dest="worker_set",
@@ -170,59 +186,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="any other worker setting, e.g. --set max_poll_records=64 (repeatable)",
     )
-    add_flag(
-        parser, "--events", type=int, help="backlog the worker drains (default: ~15 s of model)"
-    )
-    add_flag(
+    # Every other setting has its flag, generated from BenchSettings (cli/settings_flags.py).
+    add_settings_flags(
         parser,
-        "--naive-events",
-        dest="naive_events",
-        type=int,
-        help="backlog for the naive consumer, which stops after 2 x --duration (default --events)",
+        BenchSettings,
+        BENCH_HELP,
+        skip={"checkpoint", "backbone", "json_file", "bootstrap_servers", "worker_overrides"},
     )
-    add_flag(
-        parser,
-        "--mix",
-        choices=["zoo", "uploads"],
-        help="zoo JPEGs (default) or an upload-like mix: 8-12 MP phone JPEGs, PNG screenshots, "
-        "WebP, avatars",
-    )
-    add_flag(parser, "--mix-images", dest="mix_images", type=int, help="distinct files (32)")
-    add_flag(
-        parser,
-        "--image-size",
-        dest="image_size",
-        type=int,
-        help="side of the mix's JPEGs (default 128 for small models, 512 for 224 px ones)",
-    )
-    add_flag(parser, "--quality", type=int, help="JPEG quality of the mix (default 90)")
-    add_flag(parser, "--duration", type=float, help="seconds per stage capacity (default 5)")
-    add_flag(
-        parser,
-        "--latency-duration",
-        dest="latency_duration",
-        type=float,
-        help="seconds of paced load per latency level, at least 30 events (default 10)",
-    )
-    add_flag(
-        parser,
-        "--burst",
-        type=int,
-        help="large images in the burst (default: in-flight cap + one batch)",
-    )
-    add_flag(parser, "--burst-size", dest="burst_size", help="WIDTHxHEIGHT (4000x3000)")
-    add_flag(parser, "--timeout", type=float, help="seconds any one measurement may take")
-    add_flag(parser, "--seed", type=int)
-    add_flag(parser, "--views", type=int, help=f"views compared with one (default {DATA_VIEWS})")
-    for name in ("naive", "latency", "memory", "onnx", "views"):
-        parser.add_argument(
-            f"--skip-{name}",
-            dest=f"skip_{name}",
-            action="store_const",
-            const=True,
-            default=None,
-            help=f"do not measure {name}",
-        )
     parser.add_argument("--config", help="TOML file with settings")
     parser.set_defaults(func=run)
 

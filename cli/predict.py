@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from clipguard.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
-    add_flag,
     flag_values,
     iter_files,
     print_json,
 )
+from clipguard.cli.settings_flags import add_settings_flags
 from clipguard.consumer.config import CheckpointPath, ClipguardSettings
 from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_image
 from clipguard.detector.engine import EngineConfig, InferenceEngine
@@ -33,7 +34,7 @@ class PredictSettings(ClipguardSettings):
     batch_size: int = Field(default=32, ge=1, le=1024)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    image_formats: tuple[str, ...] = DEFAULT_FORMATS
+    image_formats: Annotated[tuple[str, ...], NoDecode] = DEFAULT_FORMATS
     review_at: float | None = Field(default=None, ge=0.0, le=1.0)
     block_at: float | None = Field(default=None, ge=0.0, le=1.0)
     provenance_enabled: bool = True
@@ -43,6 +44,14 @@ class PredictSettings(ClipguardSettings):
     #: Views per image and their aggregation; default: the checkpoint's input contract.
     views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
     view_aggregation: Literal["mean", "max"] | None = None
+
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """``JPEG,PNG`` from a flag or variable, a list from TOML."""
+        if isinstance(value, str):
+            return tuple(part.strip().upper() for part in value.split(",") if part.strip())
+        return value
 
     def provenance(self) -> ProvenanceReader | None:
         if not self.provenance_enabled:
@@ -59,6 +68,17 @@ class PredictSettings(ClipguardSettings):
 Prepared = tuple[Path, torch.Tensor | None, dict[str, Any] | None, tuple[Evidence, ...]]
 
 
+PREDICT_HELP = {
+    "checkpoint": "checkpoint directory, .safetensors or .onnx file",
+    "device": "auto (CUDA when present), cpu, cuda, cuda:N",
+    "batch_size": "images per model call",
+    "views": "views per image (default: the checkpoint's)",
+    "provenance_enabled": "read Content Credentials, metadata and hash lists next to the model",
+    "c2pa_trust_anchors": "PEM of C2PA trust anchors",
+    "hash_list": "PDQ hash list (<hex> <ai_generated|real> [generator] per line)",
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
@@ -66,25 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print one JSON line per file: a prediction, or a typed error. "
         "Exits 1 if any file could not be judged.",
     )
-    add_flag(parser, "--checkpoint", type=Path, help="checkpoint directory or .safetensors file")
-    add_flag(parser, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    add_flag(parser, "--batch-size", dest="batch_size", type=int, help="images per model call")
-    add_flag(parser, "--max-image-bytes", dest="max_image_bytes", type=int)
-    add_flag(parser, "--max-image-pixels", dest="max_image_pixels", type=int)
-    add_flag(parser, "--review-at", dest="review_at", type=float)
-    add_flag(parser, "--block-at", dest="block_at", type=float)
-    add_flag(parser, "--c2pa-trust-anchors", dest="c2pa_trust_anchors", type=Path)
-    add_flag(parser, "--hash-list", dest="hash_list", type=Path)
-    add_flag(parser, "--views", type=int, help="views per image (default: the checkpoint's)")
-    add_flag(parser, "--view-aggregation", dest="view_aggregation", choices=("mean", "max"))
-    parser.add_argument(
-        "--no-provenance",
-        dest="provenance_enabled",
-        action="store_const",
-        const=False,
-        default=None,
-        help="skip Content Credentials, metadata and hash lists (classifier only)",
-    )
+    add_settings_flags(parser, PredictSettings, PREDICT_HELP)
     parser.add_argument("--config", help="TOML file with settings")
     parser.add_argument("paths", nargs="+", metavar="FILES_OR_DIRS")
     parser.set_defaults(func=run)

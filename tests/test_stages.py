@@ -198,3 +198,18 @@ def test_every_setting_has_a_serve_flag(tiny_checkpoint: Path) -> None:
 def test_outcome_needs_an_output() -> None:
     with pytest.raises(ValueError):
         Outcome(RecordRef("t", 0, 0, None, b""), None, None)
+
+
+def test_predict_and_bench_have_a_flag_for_every_setting() -> None:
+    from clipguard.bench import command as bench
+    from clipguard.cli import predict
+
+    special = {"json_file": "--json", "worker_overrides": "--set"}
+    for module, settings_cls in ((predict, predict.PredictSettings), (bench, bench.BenchSettings)):
+        root = argparse.ArgumentParser()
+        module.register(root.add_subparsers())
+        sub = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+        parser = next(iter(sub.choices.values()))
+        flags = {f for action in parser._actions for f in action.option_strings}
+        for name in settings_cls.model_fields:
+            assert special.get(name, "--" + name.replace("_", "-")) in flags, (module, name)
