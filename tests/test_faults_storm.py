@@ -21,7 +21,7 @@ from faults import EXIT_OK, Fleet, Outputs, Serve, Traffic, new_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.faults, pytest.mark.slow]
 
-STORM_S = 60.0
+STORM_S = 120.0  # the issue asks for two minutes of churn
 DRAIN_TIMEOUT_S = 30.0  # the contract's default; the workers run with it
 RATE = 20.0
 
