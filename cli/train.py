@@ -25,7 +25,7 @@ from clipguard.training.augment import AugmentConfig
 from clipguard.training.folders import DatasetError, carve_splits
 from clipguard.training.layouts import LAYOUTS, read_dataset
 from clipguard.training.loop import TrainConfig
-from clipguard.training.modes import MODES
+from clipguard.training.modes import MODES, Mode
 from clipguard.training.presets import (
     DATA_CROP_GRID,
     DATA_PREPROCESS,
@@ -58,7 +58,7 @@ class TrainSettings(ClipguardSettings):
     preset: Literal["paper", "ufd"] | None = None
     backbone: str = TINY_BACKBONE
     pretrained: str | None = None
-    mode: Literal["full", "linear", "lora", "last-n"] = "full"
+    mode: Mode = "full"
     epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float | None = Field(default=None, gt=0)

@@ -73,6 +73,11 @@ def _model_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(config)
 
 
+def open_clip_config(name: str) -> dict[str, Any]:
+    """A copy of an open_clip model config by name (``clipguard-tiny`` included)."""
+    return _model_config(name)
+
+
 def build_vision_tower(model_config: dict[str, Any]) -> nn.Module:
     """Build only the image tower from an open_clip config: no text tower, no download."""
     try:

@@ -4,6 +4,11 @@ Two equivalent forms: a directory holding ``model.safetensors`` and ``manifest.j
 or a single ``.safetensors`` file with the manifest in its metadata. Loading rebuilds the
 encoder from the open_clip config stored in the manifest, so it needs no network, and
 checks the weights against the manifest's sha256. Never pickle.
+
+An imported head on a published backbone (``clipguard import``) may leave the encoder out:
+``backbone_weights: pretrained`` means the file holds the heads only and loading builds the
+encoder from the manifest's open_clip ``pretrained`` tag (open_clip fetches and caches it:
+the one case where loading needs the network, once).
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipguard.detector.backbones import Encoder, rebuild_encoder
+from clipguard.detector.backbones import BackboneSpec, Encoder, build_encoder, rebuild_encoder
 from clipguard.detector.errors import BackboneError, CheckpointError
-from clipguard.detector.heads import Detector
+from clipguard.detector.heads import Detector, FeatureNorm
 from clipguard.detector.policy import Policy
 from clipguard.detector.preprocess import PreprocessConfig
 
@@ -80,6 +92,11 @@ class Manifest(BaseModel):
     pretrained: str | None = None
     feature_dim: int = Field(gt=0)
     head: Literal["binary+source"] = "binary+source"
+    #: ``l2``: features are L2-normalised before the heads (``--mode layernorm``).
+    feature_norm: FeatureNorm = "none"
+    #: ``included``: the encoder's weights are in the file. ``pretrained``: heads only, the
+    #: encoder comes from open_clip's ``pretrained`` tag at load (imported published heads).
+    backbone_weights: Literal["included", "pretrained"] = "included"
     classes: list[str]
     preprocess: PreprocessConfig
     calibration: Calibration = Calibration()
@@ -101,6 +118,12 @@ class Manifest(BaseModel):
             raise ValueError("class names must be unique")
         return classes
 
+    @model_validator(mode="after")
+    def _tag_for_external_backbone(self) -> Manifest:
+        if self.backbone_weights == "pretrained" and not self.pretrained:
+            raise ValueError("backbone_weights 'pretrained' needs the open_clip pretrained tag")
+        return self
+
     @field_validator("format_version")
     @classmethod
     def _supported(cls, value: int) -> int:
@@ -120,8 +143,21 @@ class Manifest(BaseModel):
         return self.classes[1:]
 
 
-def new_detector(encoder: Encoder, classes: list[str]) -> Detector:
-    return Detector(encoder.module, encoder.feature_dim, len(classes))
+def new_detector(
+    encoder: Encoder, classes: list[str], feature_norm: FeatureNorm = "none"
+) -> Detector:
+    return Detector(encoder.module, encoder.feature_dim, len(classes), feature_norm)
+
+
+HEAD_PREFIXES = ("binary_head.", "source_head.")
+
+
+def _stored_state(detector: Detector, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """What the file holds: everything, or the heads alone over a fetched backbone."""
+    state = _state_dict(detector)
+    if manifest.backbone_weights == "pretrained":
+        state = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    return state
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -141,7 +177,12 @@ def _state_dict(detector: Detector) -> dict[str, torch.Tensor]:
 def save_checkpoint(detector: Detector, manifest: Manifest, path: str | Path) -> Manifest:
     """Write weights and manifest; returns the manifest with its sha256 filled in."""
     path = Path(path)
-    state = _state_dict(detector)
+    if detector.feature_norm != manifest.feature_norm:
+        raise CheckpointError(
+            f"the detector normalises features {detector.feature_norm!r}, the manifest says "
+            f"{manifest.feature_norm!r}: they must agree"
+        )
+    state = _stored_state(detector, manifest)
     manifest = manifest.model_copy(update={"sha256": weights_sha256(state)})
     manifest_json = manifest.model_dump_json(indent=2)
     if path.suffix == ".safetensors":
@@ -202,16 +243,43 @@ def load_checkpoint(path: str | Path) -> tuple[Detector, Manifest]:
             f"weights in {weights_path} do not match the manifest (sha256 {actual[:12]}… != "
             f"{manifest.sha256[:12]}…): the checkpoint is corrupt or was edited"
         )
-    try:
-        encoder = rebuild_encoder(manifest.backbone)
-    except BackboneError as exc:
-        raise CheckpointError(f"cannot rebuild the encoder of {path}: {exc}") from exc
-    detector = Detector(encoder, manifest.feature_dim, len(manifest.classes))
-    try:
-        detector.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights in {path} do not fit the manifest's model: {exc}") from exc
+    encoder = _encoder_for(manifest, path)
+    detector = Detector(encoder, manifest.feature_dim, len(manifest.classes), manifest.feature_norm)
+    _load_weights(detector, state, manifest, path)
     detector.eval()
     if not manifest.sha256:
         manifest = manifest.model_copy(update={"sha256": actual})
     return detector, manifest
+
+
+def _encoder_for(manifest: Manifest, path: Path) -> torch.nn.Module:
+    """The stored config rebuilt offline, or the published backbone fetched by its tag."""
+    try:
+        if manifest.backbone_weights == "included":
+            return rebuild_encoder(manifest.backbone)
+        spec = BackboneSpec(name=manifest.model_name, pretrained=manifest.pretrained)
+        encoder = build_encoder(spec)
+    except BackboneError as exc:
+        raise CheckpointError(f"cannot rebuild the encoder of {path}: {exc}") from exc
+    if encoder.feature_dim != manifest.feature_dim:
+        raise CheckpointError(
+            f"{manifest.model_name}/{manifest.pretrained} gives {encoder.feature_dim}-dim "
+            f"features, the heads of {path} expect {manifest.feature_dim}"
+        )
+    return encoder.module
+
+
+def _load_weights(
+    detector: Detector, state: dict[str, torch.Tensor], manifest: Manifest, path: Path
+) -> None:
+    """Strict for a full checkpoint; for a heads-only one, strict on the heads."""
+    try:
+        if manifest.backbone_weights == "included":
+            detector.load_state_dict(state, strict=True)
+            return
+        missing, unexpected = detector.load_state_dict(state, strict=False)
+        stray = [k for k in missing if k.startswith(HEAD_PREFIXES)] + list(unexpected)
+        if stray:
+            raise RuntimeError(f"missing or unexpected head weights: {sorted(stray)}")
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {path} do not fit the manifest's model: {exc}") from exc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -15,19 +15,40 @@ class DetectorOutput(NamedTuple):
     source_logits: torch.Tensor  # (N, num_sources), class 0 = real
 
 
-class Detector(nn.Module):
-    """Encoder features feed two linear heads trained together (arXiv 2404.08788)."""
+FeatureNorm = Literal["none", "l2"]
+FEATURE_NORMS: tuple[str, ...] = ("none", "l2")
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, num_sources: int) -> None:
+
+class Detector(nn.Module):
+    """Encoder features feed two linear heads trained together (arXiv 2404.08788).
+
+    ``feature_norm`` ``l2`` puts the features on the unit sphere before the heads (GenD's
+    LayerNorm tuning); it is part of the model, so the manifest records it and serving,
+    export and training all apply it through :meth:`features`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        num_sources: int,
+        feature_norm: FeatureNorm = "none",
+    ) -> None:
         super().__init__()
         if num_sources < 2:
             raise ValueError("a detector needs at least two sources: 'real' and one generator")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"unknown feature_norm {feature_norm!r}; choose none or l2")
         self.encoder = encoder
+        self.feature_norm: FeatureNorm = feature_norm
         self.binary_head = nn.Linear(feature_dim, 1)
         self.source_head = nn.Linear(feature_dim, num_sources)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixels)
+        features = self.encoder(pixels)
+        if self.feature_norm == "l2":
+            features = nn.functional.normalize(features, dim=-1)
+        return features
 
     def classify(self, features: torch.Tensor) -> DetectorOutput:
         """Heads alone: lets linear probing train on cached features."""

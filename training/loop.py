@@ -1,7 +1,7 @@
 """The fine-tuning loop: Adam over the trainable weights and both heads (arXiv 2404.08788).
 
-One loop for every mode. ``full``, ``lora`` and ``last-n`` feed pixels through the model
-(DistributedDataParallel under torchrun, AMP on CUDA, gradient accumulation); ``linear``
+One loop for every mode. ``full``, ``lora``, ``last-n`` and ``layernorm`` feed pixels through
+the model (DistributedDataParallel under torchrun, AMP on CUDA, gradient accumulation); ``linear``
 feeds features cached once from the frozen encoder straight into the heads. Every epoch is
 scored on the validation set by average precision (ties broken by accuracy): the best epoch's
 weights are kept, ``patience`` epochs without a better one stop the run early, and the state

@@ -1,6 +1,7 @@
 """Which weights train: ``full`` (the paper), ``linear`` (frozen encoder, UniversalFakeDetect),
-``lora`` (low-rank adapters on attention, C2P-CLIP / DeeCLIP) and ``last-n`` (the last N
-transformer blocks plus the final norm and projection). Both heads always train.
+``lora`` (low-rank adapters on attention, C2P-CLIP / DeeCLIP), ``last-n`` (the last N
+transformer blocks plus the final norm and projection) and ``layernorm`` (every LayerNorm's
+scale and shift, features L2-normalised before the heads: GenD, 2025). Both heads always train.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from typing import Any, Literal
 
 from torch import nn
 
-from clipguard.detector.heads import Detector
+from clipguard.detector.heads import Detector, FeatureNorm
 from clipguard.training.lora import add_lora, has_lora, merge_lora
 
-Mode = Literal["full", "linear", "lora", "last-n"]
-MODES: tuple[str, ...] = ("full", "linear", "lora", "last-n")
+Mode = Literal["full", "linear", "lora", "last-n", "layernorm"]
+MODES: tuple[str, ...] = ("full", "linear", "lora", "last-n", "layernorm")
+
+
+def feature_norm(mode: str) -> FeatureNorm:
+    """GenD trains LayerNorms against unit-norm features; every other mode uses raw ones."""
+    return "l2" if mode == "layernorm" else "none"
 
 
 def _heads(detector: Detector) -> list[nn.Parameter]:
@@ -37,6 +43,14 @@ def _unfreeze_last_blocks(encoder: nn.Module, n: int) -> None:
         proj.requires_grad_(True)
 
 
+def _unfreeze_layernorms(encoder: nn.Module) -> None:
+    norms = [m for m in encoder.modules() if isinstance(m, nn.LayerNorm)]
+    if not norms:
+        raise ValueError("layernorm mode needs an encoder with LayerNorm layers")
+    for norm in norms:
+        norm.requires_grad_(True)
+
+
 def prepare(
     detector: Detector, mode: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, last_n: int = 2
 ) -> None:
@@ -48,6 +62,9 @@ def prepare(
         add_lora(detector.encoder, rank=lora_rank, alpha=lora_alpha)
     elif mode == "last-n":
         _unfreeze_last_blocks(detector.encoder, last_n)
+    elif mode == "layernorm":
+        _unfreeze_layernorms(detector.encoder)
+    detector.feature_norm = feature_norm(mode)
     for parameter in _heads(detector):
         parameter.requires_grad_(True)
 

@@ -94,7 +94,7 @@ def train_and_save(
         update["policy"] = preprocess_policy
     if update:  # validated: a bad view count or grid is refused here, not in the worker
         preprocess = PreprocessConfig.model_validate({**preprocess.model_dump(), **update})
-    detector = new_detector(encoder, list(classes))
+    detector = new_detector(encoder, list(classes), modes.feature_norm(config.mode))
     train_set = DetectorDataset(train_items, preprocess, augment, seed=config.seed)
     val_set = DetectorDataset(val_items, preprocess) if val_items else None
     result = fit(
@@ -133,6 +133,7 @@ def train_and_save(
         backbone=encoder.model_config,
         pretrained=backbone.pretrained,
         feature_dim=encoder.feature_dim,
+        feature_norm=detector.feature_norm,
         classes=list(classes),
         preprocess=preprocess,
         training=training,
