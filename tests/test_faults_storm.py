@@ -1,5 +1,5 @@
 """Rebalance storm (issue 10 suite, issue 13): workers join and leave every few seconds
-under traffic for about a minute; one anchor worker stays throughout.
+under traffic for two minutes; one anchor worker stays throughout.
 
 Leaving alternates between SIGTERM, sent while the group is rebalancing for a worker that is
 just joining, and SIGKILL. Afterwards nothing is lost, and every SIGTERM ended the process
