@@ -100,6 +100,21 @@ class OffsetTracker:
                     result[tp] = position
         return result
 
+    def resume_position(self, tp: TopicPartitionKey, skip_acknowledged: bool) -> int | None:
+        """Where consumption of ``tp`` must resume for nothing to be skipped: the first
+        consumed offset not yet committed, or (``skip_acknowledged``, at-least-once) the first
+        one after the contiguous acknowledged prefix. None when nothing is outstanding."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None or not state.consumed:
+                return None
+            if not skip_acknowledged:
+                return state.consumed[0]
+            for offset in state.consumed:
+                if offset not in state.acked:
+                    return offset
+            return None
+
     def committed(self, positions: dict[TopicPartitionKey, int]) -> None:
         """The broker took these positions: drop what they cover. Refuses to go backwards."""
         with self._lock:

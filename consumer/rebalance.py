@@ -6,6 +6,11 @@ listener only does what finishes at once: it queues a commit of each revoked par
 acknowledged prefix (the request goes out ahead of the JoinGroup, while we still own the
 partitions), forgets the rest (handed back to the next owner: duplicates, never gaps), and
 bumps the partitions' epochs so the later stages drop their stale work.
+
+One trap: kafka-python keeps a partition's fetch position when the new assignment gives it
+back to the same member (even under the eager protocol, which revokes everything first). The
+work handed back would then never be fetched again, and the next commit would pass it. So a
+partition that comes straight back is sought to where its handed-back work began.
 """
 
 from __future__ import annotations
@@ -30,17 +35,28 @@ class Rebalancer(ConsumerRebalanceListener):
         committer: Committer,
         metrics: WorkerMetrics,
         on_change: Callable[[set[TopicPartitionKey], set[TopicPartitionKey]], None],
+        seek: Callable[[TopicPartitionKey, int], None],
+        skip_acknowledged: bool = True,
     ) -> None:
         self.tracker = tracker
         self.committer = committer
         self.metrics = metrics
         self.on_change = on_change  # (added, removed) -> None
+        self.seek = seek
+        #: At-least-once resumes after the acknowledged prefix (it is being committed);
+        #: transactions resume at the last commit (the open transaction is aborted).
+        self.skip_acknowledged = skip_acknowledged
+        self._handed_back: dict[TopicPartitionKey, int] = {}
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         gone = _keys(revoked)
         if not gone:
             return
         self.metrics.rebalances.labels(event="revoked").inc()
+        for tp in gone:
+            resume = self.tracker.resume_position(tp, self.skip_acknowledged)
+            if resume is not None:
+                self._handed_back[tp] = resume
         self.committer.commit_revoked(gone)
         handed_back = sum(self.tracker.outstanding(tp) for tp in gone)
         if handed_back:
@@ -52,6 +68,10 @@ class Rebalancer(ConsumerRebalanceListener):
         added = _keys(assigned)
         if added:
             self.metrics.rebalances.labels(event="assigned").inc()
+        for tp in added & set(self._handed_back):
+            log.info("rebalance: %s came straight back; resuming at %d", tp, self._handed_back[tp])
+            self.seek(tp, self._handed_back[tp])
+        self._handed_back.clear()  # a partition that went elsewhere restarts from its commit
         self.on_change(added, set())
 
     def on_partitions_lost(self, lost: Any) -> None:
@@ -59,6 +79,8 @@ class Rebalancer(ConsumerRebalanceListener):
         gone = _keys(lost)
         if gone:
             self.metrics.rebalances.labels(event="lost").inc()
+        for tp in gone:
+            self._handed_back.pop(tp, None)
         self.tracker.forget(gone)
         self.on_change(set(), gone)
 

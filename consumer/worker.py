@@ -309,7 +309,14 @@ class Worker:
                 settings.fetch_workers,
                 settings.fetch_deadline_s,
             )
-            rebalancer = Rebalancer(self.offsets, committer, self.metrics, self._assignment)
+            rebalancer = Rebalancer(
+                self.offsets,
+                committer,
+                self.metrics,
+                self._assignment,
+                seek=lambda tp, offset: consumer.seek(TopicPartition(*tp), offset),
+                skip_acknowledged=not settings.exactly_once,
+            )
             if ordering is not None:
                 rebalancer.on_change = self._with_ordering(ordering)
             inference_thread = threading.Thread(
