@@ -493,6 +493,21 @@ def test_dockerfile_builds_a_non_root_multi_stage_image_running_serve() -> None:
             for source in copy_args.split()[:-1]:
                 assert (ROOT / source).exists(), source
                 assert source in allowed, f"{source} is excluded from the build context"
+    # `pip install .` needs every package folder pyproject.toml maps: all copied, all let in.
+    import tomllib
+
+    folders = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    )
+    copied = {
+        source
+        for instruction, copy_args in steps
+        if instruction == "COPY" and not copy_args.startswith("--from")
+        for source in copy_args.split()[:-1]
+    }
+    assert folders <= copied, f"not copied into the image: {sorted(folders - copied)}"
 
 
 def healthcheck_command() -> list[str]:
