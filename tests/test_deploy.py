@@ -494,7 +494,10 @@ def test_dockerfile_builds_a_non_root_multi_stage_image_running_serve() -> None:
                 assert (ROOT / source).exists(), source
                 assert source in allowed, f"{source} is excluded from the build context"
     # `pip install .` needs every package folder pyproject.toml maps: all copied, all let in.
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pydantic-settings brings tomli
+        import tomli as tomllib
 
     folders = set(
         tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
