@@ -70,6 +70,32 @@ def running_worker(settings: WorkerSettings, ready_timeout: float = 60.0) -> Ite
         running.stop(60)
 
 
+@contextlib.contextmanager
+def png_server(png: bytes, delay_s: float = 0.0) -> Iterator[str]:
+    """A loopback HTTP server that answers every GET with ``png`` after ``delay_s``;
+    yields its base URL (``http://127.0.0.1:PORT``)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
 def produce(
     bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]
 ) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ from conftest import image_bytes
 from streams import (
     committed_offsets,
     fresh_topics,
+    png_server,
     produce,
     read_outputs,
     running_worker,
@@ -127,43 +128,24 @@ def test_bad_events_become_dead_letters_and_the_worker_keeps_going(
 def test_url_events_are_fetched_behind_the_ssrf_guard(
     kafka_bootstrap: str, tiny_checkpoint: Path
 ) -> None:
-    import http.server
-    import threading
-
-    png = image_bytes(fmt="PNG")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args: object) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     topics = fresh_topics(kafka_bootstrap, partitions=1)
-    url = f"http://127.0.0.1:{server.server_port}/upload.png"
-    messages = [
-        (b"url-ok", json.dumps({"event_id": "url-ok", "image_url": url}).encode()),
-        (
-            b"url-meta",
-            json.dumps(
-                {"event_id": "url-meta", "image_url": "http://169.254.169.254/latest/"}
-            ).encode(),
-        ),
-    ]
     settings = worker_settings(
         kafka_bootstrap, tiny_checkpoint, topics, fetch_allow_cidrs=("127.0.0.1/32",)
     )
-    try:
+    with png_server(image_bytes(fmt="PNG")) as base:
+        url = f"{base}/upload.png"
+        messages = [
+            (b"url-ok", json.dumps({"event_id": "url-ok", "image_url": url}).encode()),
+            (
+                b"url-meta",
+                json.dumps(
+                    {"event_id": "url-meta", "image_url": "http://169.254.169.254/latest/"}
+                ).encode(),
+            ),
+        ]
         with running_worker(settings):
             placed = produce(kafka_bootstrap, topics.input, messages)
             out = read_outputs(kafka_bootstrap, topics, set(placed))
-    finally:
-        server.shutdown()
     verdicts = {v.event_id: v for v in out.verdicts}
     assert verdicts["url-ok"].error is None and verdicts["url-ok"].label is not None
     assert verdicts["url-meta"].error.stage == "fetch"

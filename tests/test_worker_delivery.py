@@ -18,6 +18,7 @@ from kafka_fixture import skip_unless_real_kafka
 from streams import (
     committed_offsets,
     fresh_topics,
+    png_server,
     produce,
     read_outputs,
     running_worker,
@@ -330,46 +331,33 @@ def test_work_in_flight_when_a_partition_comes_straight_back_is_not_skipped(
     kafka-python keeps that partition's fetch position, so the handed-back slow event would
     never be fetched again and the next commit would pass it (found by the storm test:
     committed offsets with no output). Every offset must end with an output."""
-    import http.server
     import json
 
-    png = image_bytes(fmt="PNG")
-
-    class Slow(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            time.sleep(4.0)  # still fetching when the peer joins
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args: object) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     topics = fresh_topics(kafka_bootstrap, partitions=2)
-    url = f"http://127.0.0.1:{server.server_port}/slow.png"
     settings = worker_settings(
         kafka_bootstrap, tiny_checkpoint, topics, fetch_allow_cidrs=("127.0.0.1/32",)
     )
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     placed: list[tuple[int, int]] = []
-    try:
-        with running_worker(settings):
-            for partition in (0, 1):
-                slow = json.dumps({"event_id": f"slow-{partition}", "image_url": url}).encode()
-                batch = [(b"slow", slow), *_events(5, f"after-{partition}")]
-                for key, value in batch:
-                    sent = producer.send(topics.input, key=key, value=value, partition=partition)
-                    meta = sent.get(timeout=30)
-                    placed.append((meta.partition, meta.offset))
-            time.sleep(1.0)  # the first worker has consumed and started the slow fetches
-            peer = settings.model_copy(update={"client_id": "peer"})
-            with running_worker(peer):
-                out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=60)
-    finally:
-        producer.close()
-        server.shutdown()
+    # Still fetching (4 s) when the peer joins.
+    with png_server(image_bytes(fmt="PNG"), delay_s=4.0) as base:
+        url = f"{base}/slow.png"
+        try:
+            with running_worker(settings):
+                for partition in (0, 1):
+                    slow = json.dumps({"event_id": f"slow-{partition}", "image_url": url})
+                    batch = [(b"slow", slow.encode()), *_events(5, f"after-{partition}")]
+                    for key, value in batch:
+                        sent = producer.send(
+                            topics.input, key=key, value=value, partition=partition
+                        )
+                        meta = sent.get(timeout=30)
+                        placed.append((meta.partition, meta.offset))
+                time.sleep(1.0)  # the first worker has consumed and started the slow fetches
+                peer = settings.model_copy(update={"client_id": "peer"})
+                with running_worker(peer):
+                    out = read_outputs(kafka_bootstrap, topics, set(placed), timeout=60)
+        finally:
+            producer.close()
     assert set(out.covered(topics.input)) == set(placed)
     assert {"slow-0", "slow-1"} <= {v.event_id for v in out.verdicts}
