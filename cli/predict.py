@@ -19,7 +19,7 @@ from clipguard.cli.common import (
     print_json,
 )
 from clipguard.cli.settings_flags import add_settings_flags
-from clipguard.consumer.config import CheckpointPath, ClipguardSettings
+from clipguard.consumer.config import CheckpointPath, ClipguardSettings, comma_separated
 from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_image
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.errors import ImageError, ImageTooLargeError
@@ -48,10 +48,7 @@ class PredictSettings(ClipguardSettings):
     @field_validator("image_formats", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        """``JPEG,PNG`` from a flag or variable, a list from TOML."""
-        if isinstance(value, str):
-            return tuple(part.strip().upper() for part in value.split(",") if part.strip())
-        return value
+        return comma_separated(value)  # DecodeLimits upper-cases the names
 
     def provenance(self) -> ProvenanceReader | None:
         if not self.provenance_enabled:

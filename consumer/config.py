@@ -114,6 +114,13 @@ def _warn_unknown_environment(settings_cls: type[BaseSettings]) -> None:
         )
 
 
+def comma_separated(value: Any) -> Any:
+    """``"a,b"`` (a flag, a variable, a TOML string) as a tuple; lists pass through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
 class SettingsError(Exception):
     """Settings that cannot be used, with one actionable line per problem."""
 
@@ -307,10 +314,7 @@ class WorkerSettings(KafkaSettings):
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        """Also accept ``"a,b"`` (flags, TOML strings) besides a list."""
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
+        return comma_separated(value)
 
     @field_validator("fetch_allow_cidrs")
     @classmethod
