@@ -252,3 +252,44 @@ def evaluate(
 ) -> dict[str, Any]:
     scored = score_items(engine, items, batch_size=batch_size, progress=progress)
     return summarize(scored, engine.classes, engine.threshold)
+
+
+#: Per-generator fields kept in the seen/unseen report; each is also averaged per status.
+SEEN_UNSEEN_FIELDS = (
+    "accuracy",
+    "balanced_accuracy",
+    "fake_accuracy",
+    "real_accuracy",
+    "auc",
+    "ap",
+)
+
+
+def seen_unseen(
+    per_generator_metrics: dict[str, dict[str, Any]], unseen: Sequence[str]
+) -> dict[str, Any]:
+    """Tag each generator's row seen or unseen; average each field over each group of rows.
+
+    A row is that generator's fakes against the reals (``per_generator``): accuracy at the
+    stored threshold, balanced accuracy, AUC and AP of that generator vs real.
+    """
+    held = set(unseen)
+    rows = [
+        {
+            "generator": name,
+            "status": "unseen" if name in held else "seen",
+            "n_real": metrics.get("n_real"),
+            "n_fake": metrics.get("n_fake"),
+            **{field: metrics.get(field) for field in SEEN_UNSEEN_FIELDS},
+        }
+        for name, metrics in sorted(per_generator_metrics.items())
+    ]
+    report: dict[str, Any] = {"rows": rows}
+    for status in ("seen", "unseen"):
+        mine = [r for r in rows if r["status"] == status]
+        summary: dict[str, Any] = {"n_generators": len(mine)}
+        for field in SEEN_UNSEEN_FIELDS:
+            values = [r[field] for r in mine if r[field] is not None]
+            summary[f"mean_{field}"] = float(np.mean(values)) if values else None
+        report[status] = summary
+    return report

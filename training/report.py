@@ -80,6 +80,9 @@ def render(report: dict[str, Any]) -> str:
     aligned = report.get("aligned")
     if aligned:
         parts.append(align_table(report))
+    if report.get("seen_unseen"):
+        parts.append("seen vs unseen generators (each generator's fakes vs the reals)")
+        parts.append(seen_unseen_table(report["seen_unseen"]))
     source = overall.get("source_accuracy")
     if source is not None:
         parts.append(f"source attribution accuracy (known generators): {source:.4f}")
@@ -122,3 +125,20 @@ def align_table(report: dict[str, Any]) -> str:
     lines = [f"aligned: {report['aligned']['policy']}", table(rows, columns, headers)]
     lines += [f"WARNING: {w}" for w in report["aligned"].get("warnings", [])]
     return "\n".join(lines)
+
+
+SEEN_UNSEEN_COLUMNS = ("status", "n_fake", "balanced_accuracy", "fake_accuracy", "auc", "ap")
+SEEN_UNSEEN_HEADERS = ("", "n fake", "bal acc", "fake acc", "AUC", "AP")
+
+
+def seen_unseen_table(report: dict[str, Any]) -> str:
+    """One row per generator tagged seen/unseen, then the mean of each group of rows."""
+    rows: list[tuple[str, dict[str, Any]]] = [
+        (f"  {r['generator']}", r) for r in sorted(report["rows"], key=lambda r: r["status"])
+    ]
+    for status in ("seen", "unseen"):
+        summary = report[status]
+        mean = {c: summary.get(f"mean_{c}") for c in SEEN_UNSEEN_COLUMNS}
+        mean["status"] = f"{summary['n_generators']} gen"
+        rows.append((f"mean {status}", mean))
+    return table(rows, SEEN_UNSEEN_COLUMNS, SEEN_UNSEEN_HEADERS)
