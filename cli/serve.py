@@ -115,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
     if reader is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: _reload(reader))
     running = RunningWorker(worker, stopper.stop).start()
-    while running.alive():  # the main thread stays free for signals
-        running.join(0.5)
-    running.join()
+    try:
+        while running.alive():  # the main thread stays free for signals
+            running.join(0.5)
+        running.join()
+    finally:
+        engine.close()
     log.info("stopped cleanly")
     return EXIT_OK

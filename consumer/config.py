@@ -249,6 +249,9 @@ class WorkerSettings(KafkaSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
     torch_compile: bool = False
+    #: Run the model in a process of its own (fed through shared memory), so the decode pool
+    #: and the Kafka clients never hold its interpreter lock (docs/bench.md).
+    model_process: bool = False
     #: Views per image and their aggregation; default: the checkpoint's input contract.
     views: int | None = Field(default=None, ge=1, le=16)
     view_aggregation: Literal["mean", "max"] | None = None

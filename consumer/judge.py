@@ -18,7 +18,7 @@ from clipguard.consumer.records import Upload, parse_record
 from clipguard.consumer.schemas import EvidenceRef, ModelRef, PolicyRef, Verdict
 from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits, decode_image
-from clipguard.detector.engine import InferenceEngine, Prediction
+from clipguard.detector.engine import Prediction, ServingEngine
 from clipguard.detector.errors import ClipguardError
 from clipguard.detector.policy import Decision, Policy
 from clipguard.detector.preprocess import preprocess_views
@@ -67,7 +67,7 @@ class Judge:
 
     def __init__(
         self,
-        engine: InferenceEngine,
+        engine: ServingEngine,
         policy: Policy,
         limits: DecodeLimits,
         sources: ImageSources,

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -56,8 +57,9 @@ from clipguard.consumer.rebalance import Rebalancer
 from clipguard.consumer.records import RecordRef
 from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits
-from clipguard.detector.engine import EngineConfig, InferenceEngine
+from clipguard.detector.engine import EngineConfig, InferenceEngine, ServingEngine
 from clipguard.detector.policy import Policy
+from clipguard.detector.process_engine import ProcessEngine
 from clipguard.provenance import ProvenanceReader
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ POLL_TIMEOUT_MS = 100
 LOOP = "consumer"
 
 
-def build_policy(settings: WorkerSettings, engine: InferenceEngine) -> Policy:
+def build_policy(settings: WorkerSettings, engine: ServingEngine) -> Policy:
     """Thresholds from the settings where given, else from the checkpoint."""
     stored = engine.manifest.policy
     return Policy(
@@ -131,19 +133,20 @@ def default_torch_threads(device: str, threads: int | None = None) -> int | None
     return None
 
 
-def engine_from_settings(settings: WorkerSettings) -> InferenceEngine:
-    return InferenceEngine.from_checkpoint(
-        settings.checkpoint,
-        EngineConfig(
-            device=settings.device,
-            dtype=settings.dtype,
-            max_batch_size=settings.max_batch_size,
-            threads=default_torch_threads(settings.device, settings.torch_threads),
-            compile=settings.torch_compile,
-            views=settings.views,
-            aggregate=settings.view_aggregation,
-        ),
+def engine_from_settings(settings: WorkerSettings) -> ServingEngine:
+    """The checkpoint's engine, in this process or (``model_process``) in a child of its own."""
+    config = EngineConfig(
+        device=settings.device,
+        dtype=settings.dtype,
+        max_batch_size=settings.max_batch_size,
+        threads=default_torch_threads(settings.device, settings.torch_threads),
+        compile=settings.torch_compile,
+        views=settings.views,
+        aggregate=settings.view_aggregation,
     )
+    if settings.model_process:
+        return ProcessEngine(partial(InferenceEngine.from_checkpoint, settings.checkpoint, config))
+    return InferenceEngine.from_checkpoint(settings.checkpoint, config)
 
 
 class Worker:
@@ -152,7 +155,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: InferenceEngine,
+        engine: ServingEngine,
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_outcome: OutcomeListener | None = None,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from PIL import Image
@@ -98,6 +98,25 @@ def resolve_dtype(
             )
             return PrecisionChoice(torch.float32, "bf16_disagrees", f"max delta {delta:.4f}")
     return PrecisionChoice(dtype, "requested")
+
+
+class ServingEngine(Protocol):
+    """What the worker needs of an engine: :class:`InferenceEngine` in this process, or
+    :class:`~clipguard.detector.process_engine.ProcessEngine` serving one from a child."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def preprocess(self) -> PreprocessConfig: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def dtype_reason(self) -> str: ...
+    def warm_up(self) -> None: ...
+    def predict_tensors(self, pixels: Pixels) -> list[Prediction]: ...
+    def close(self) -> None: ...
 
 
 class InferenceEngine:
@@ -239,6 +258,9 @@ class InferenceEngine:
         if len(predictions) != expected:  # one output per input, always
             raise RuntimeError(f"{expected} inputs gave {len(predictions)} predictions")
         return predictions
+
+    def close(self) -> None:
+        """Nothing to release in this process (a :class:`ProcessEngine` stops its child)."""
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
         return self.predict_tensors([preprocess_views(image, self.input) for image in images])

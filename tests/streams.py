@@ -62,12 +62,16 @@ def worker_settings(
 @contextlib.contextmanager
 def running_worker(settings: WorkerSettings, ready_timeout: float = 60.0) -> Iterator[Worker]:
     """A worker serving on a thread, ready (warm, partitions assigned) before we go on."""
-    running = RunningWorker(Worker(settings, engine_from_settings(settings))).start()
+    engine = engine_from_settings(settings)
+    running = RunningWorker(Worker(settings, engine)).start()
     try:
         running.wait_ready(ready_timeout)
         yield running.worker
     finally:
-        running.stop(60)
+        try:
+            running.stop(60)
+        finally:
+            engine.close()
 
 
 @contextlib.contextmanager
