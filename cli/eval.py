@@ -12,18 +12,25 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
-from clipguard.consumer.config import CheckpointPath, ClipguardSettings, SettingsError
+from clipguard.consumer.config import (
+    CheckpointPath,
+    ClipguardSettings,
+    SettingsError,
+    comma_separated,
+    setting_name,
+)
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.preprocess import MAX_VIEWS
-from clipguard.training import zoo
+from clipguard.training import zoo, zoo_families
 from clipguard.training.align import AlignPolicy, aligned_report
-from clipguard.training.data import LabelledImage
-from clipguard.training.evaluate import remap_sources, score_items, summarize
+from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage
+from clipguard.training.evaluate import remap_sources, score_items, seen_unseen, summarize
 from clipguard.training.folders import DatasetError, FolderDataset
 from clipguard.training.layouts import LAYOUTS, read_dataset
 from clipguard.training.plots import write_plots
@@ -56,6 +63,22 @@ class EvalSettings(ClipguardSettings):
     align: bool = False
     align_quality: int = Field(default=75, ge=1, le=100)
     align_size: int = Field(default=256, ge=16)
+    #: Generators the checkpoint never saw (added to its manifest's ``training.holdout``).
+    holdout_sources: Annotated[tuple[str, ...], NoDecode] = ()
+    #: --synthetic: zoo generators/families to draw (default: what the checkpoint recorded).
+    synthetic_sources: Annotated[tuple[str, ...], NoDecode] | None = None
+
+    @field_validator("holdout_sources", "synthetic_sources", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return comma_separated(value)
+
+    @field_validator("synthetic_sources")
+    @classmethod
+    def _known_sources(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            zoo_families.expand(value)  # ValueError lists the known names
+        return value
 
     @field_validator("data")
     @classmethod
@@ -126,6 +149,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--seed", type=int, help="--synthetic only")
     add_flag(parser, "--views", type=int, help="views per image (default: the checkpoint's)")
     add_flag(parser, "--view-aggregation", dest="view_aggregation", choices=("mean", "max"))
+    add_flag(
+        parser,
+        "--holdout-sources",
+        dest="holdout_sources",
+        help="comma list of generators the checkpoint never saw, reported as unseen (also "
+        "read from the checkpoint's manifest; generators that are no class are unseen too)",
+    )
+    add_flag(
+        parser,
+        "--synthetic-sources",
+        dest="synthetic_sources",
+        help="--synthetic: zoo generators or families (default: those the checkpoint was "
+        "trained and tested on)",
+    )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_const", const=False, default=None
     )
@@ -149,13 +186,28 @@ def _choose_split(dataset: FolderDataset, split: str) -> tuple[str, list[Labelle
 
 
 def _items(
-    settings: EvalSettings, classes: list[str]
+    settings: EvalSettings, classes: list[str], training: dict[str, Any]
 ) -> tuple[dict[str, Any], list[LabelledImage]]:
     if settings.synthetic is not None:
-        names = [c for c in classes if c in zoo.SOURCES]
-        samples = zoo.generate(settings.synthetic, seed=settings.seed + 1000, sources=names)
-        items = [LabelledImage(source=classes.index(s.source), image=s.image) for s in samples]
-        return {"synthetic": settings.synthetic, "seed": settings.seed + 1000}, items
+        recorded = settings.synthetic_sources or training.get("synthetic_sources")
+        if recorded is None:
+            names = [c for c in classes if c in zoo.SOURCES]
+            samples = zoo.generate(settings.synthetic, seed=settings.seed + 1000, sources=names)
+        else:
+            names = list(zoo_families.expand([zoo.REAL, *recorded]))
+            samples = zoo_families.generate(
+                settings.synthetic, seed=settings.seed + 1000, sources=names
+            )
+        items = [
+            LabelledImage(
+                source=classes.index(s.source) if s.source in classes else UNKNOWN_SOURCE,
+                image=s.image,
+                group=s.source if s.is_fake else None,
+            )
+            for s in samples
+        ]
+        data = {"synthetic": settings.synthetic, "seed": settings.seed + 1000, "sources": names}
+        return data, items
     assert settings.data is not None
     try:
         dataset = read_dataset(
@@ -170,6 +222,34 @@ def _items(
     return {**dataset.summary(), "split": split, "n_images": len(items)}, items
 
 
+def _unseen(
+    settings: EvalSettings,
+    classes: list[str],
+    training: dict[str, Any],
+    items: list[LabelledImage],
+) -> list[str]:
+    """Generators the checkpoint never saw: the flag, its manifest's holdout, non-classes."""
+    present = sorted(
+        {item.group for item in items if item.is_fake and item.group}
+        | {classes[item.source] for item in items if 0 < item.source < len(classes)}
+    )
+    known = list(dict.fromkeys([*classes[1:], *present]))
+    unknown = [s for s in settings.holdout_sources if s not in known]
+    trained = [s for s in settings.holdout_sources if s in classes[1:]]
+    name = setting_name("holdout_sources")
+    if unknown:
+        raise SettingsError(
+            [f"invalid setting {name}: unknown source(s) {unknown}; the known sources are {known}"]
+        )
+    if trained:
+        raise SettingsError(
+            [f"invalid setting {name}: {trained} are classes of the checkpoint (it saw them)"]
+        )
+    recorded = (training.get("holdout") or {}).get("held_out") or []
+    never_classes = [g for g in present if g not in classes]
+    return sorted({*settings.holdout_sources, *recorded, *never_classes})
+
+
 def evaluate_checkpoint(settings: EvalSettings) -> dict[str, Any]:
     engine = InferenceEngine.from_checkpoint(
         settings.checkpoint,
@@ -181,7 +261,8 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict[str, Any]:
         ),
     )
     manifest = engine.manifest
-    data, items = _items(settings, list(engine.classes))
+    data, items = _items(settings, list(engine.classes), manifest.training)
+    unseen = _unseen(settings, list(engine.classes), manifest.training, items)
     progress = settings.progress
     scored = score_items(
         engine, items, batch_size=settings.batch_size, progress=progress, desc="evaluating"
@@ -200,6 +281,7 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict[str, Any]:
         "policy": manifest.policy.model_dump(),
         "preprocess": engine.preprocess.model_dump(),
         "overall": overall,
+        "seen_unseen": {**seen_unseen(overall["per_generator"], unseen), "unseen_sources": unseen},
     }
     if settings.align:
         policy = AlignPolicy(quality=settings.align_quality, size=settings.align_size)

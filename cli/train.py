@@ -10,17 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
-from clipguard.consumer.config import ClipguardSettings, SettingsError
+from clipguard.consumer.config import (
+    ClipguardSettings,
+    SettingsError,
+    comma_separated,
+    setting_name,
+)
 from clipguard.detector.backbones import TINY_BACKBONE, BackboneSpec
 from clipguard.detector.preprocess import MAX_VIEWS
-from clipguard.training import distributed
+from clipguard.training import distributed, holdout, zoo, zoo_families
 from clipguard.training.augment import AugmentConfig
 from clipguard.training.folders import DatasetError, carve_splits
 from clipguard.training.layouts import LAYOUTS, read_dataset
@@ -40,6 +47,7 @@ from clipguard.training.recipes import (
     train_and_save,
     train_synthetic,
 )
+from clipguard.training.report import leave_one_out_table, seen_unseen_table
 from clipguard.training.state import state_dir_for
 
 log = logging.getLogger("clipguard.train")
@@ -96,6 +104,24 @@ class TrainSettings(ClipguardSettings):
     threads: int | None = Field(default=None, ge=1)
     progress: bool = True
     synthetic_images: int = Field(default=2000, ge=50)
+    #: Zoo generators or families (training/zoo_families.py); default: the original zoo.
+    synthetic_sources: Annotated[tuple[str, ...], NoDecode] | None = None
+    #: Generators (or families) kept out of train and val and reported as unseen.
+    holdout_sources: Annotated[tuple[str, ...], NoDecode] = ()
+    #: Train once per held-out generator (or family); report each and the mean.
+    leave_one_out: Literal["generator", "family"] | None = None
+
+    @field_validator("synthetic_sources", "holdout_sources", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return comma_separated(value)
+
+    @field_validator("synthetic_sources")
+    @classmethod
+    def _known_sources(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            zoo_families.expand(value)  # ValueError lists the known names
+        return value
 
     @field_validator("jpeg_quality", "blur_sigma", mode="before")
     @classmethod
@@ -133,7 +159,22 @@ class TrainSettings(ClipguardSettings):
     def _one_source(self) -> TrainSettings:
         if (self.data is None) == (not self.synthetic):
             raise ValueError("give exactly one of --data DIR and --synthetic")
+        if self.leave_one_out and self.holdout_sources:
+            raise ValueError("give --holdout-sources or --leave-one-out, not both")
+        if self.leave_one_out and self.resume is not None:
+            raise ValueError("--resume continues one run; --leave-one-out makes several")
+        if self.synthetic and self.holdout_sources:
+            self.synthetic_plan()  # unknown names or nothing left to train on: refused here
         return self
+
+    def synthetic_names(self) -> tuple[str, ...]:
+        """``real`` + the selected zoo generators."""
+        return zoo_families.expand([zoo.REAL, *(self.synthetic_sources or zoo.GENERATORS)])
+
+    def synthetic_plan(self) -> holdout.HoldoutPlan:
+        return holdout.resolve(
+            self.holdout_sources, self.synthetic_names()[1:], families=zoo_families.FAMILIES
+        )
 
     def default_lr(self) -> float:
         """From scratch learns fast; pretrained CLIP wants a small step (the paper's regime)."""
@@ -305,6 +346,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="training images drawn from the zoo (default 2000)",
     )
+    add_flag(
+        parser,
+        "--synthetic-sources",
+        dest="synthetic_sources",
+        help="comma list of zoo generators or families (zoo, deconv, denoise, vae, jpeg, "
+        "spectral; 'new' = the five new families, 'all'); default: the original zoo",
+    )
+    add_flag(
+        parser,
+        "--holdout-sources",
+        dest="holdout_sources",
+        help="comma list of generators (or zoo families) kept out of train and val and "
+        "reported as unseen next to the seen ones",
+    )
+    parser.add_argument(
+        "--leave-one-out",
+        dest="leave_one_out",
+        nargs="?",
+        const="generator",
+        default=None,
+        choices=("generator", "family"),
+        help="train once per held-out generator (or family: --leave-one-out family) into "
+        "OUT/holdout-NAME and report each and the mean",
+    )
     parser.add_argument("--config", help="TOML file with settings")
     parser.set_defaults(func=run)
 
@@ -334,6 +399,8 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
             target_fpr=settings.target_fpr,
             state_dir=state_dir,
             resume=settings.resume,
+            sources=settings.synthetic_sources,
+            holdout_sources=settings.holdout_sources,
         )
     assert settings.data is not None
     try:
@@ -353,13 +420,18 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
     for note in dataset.notes:
         log.info("%s", note)
     log.info("dataset %s", json.dumps(dataset.summary()))
+    classes, splits, plan = dataset.classes, dataset.splits, None
+    if settings.holdout_sources:
+        plan = _data_plan(settings.holdout_sources, dataset.classes, dataset.splits)
+        classes, splits = plan.classes, holdout.apply(plan, dataset.classes, dataset.splits)
+        log.info("holding out %s; training on real + %s", plan.held_out, plan.seen)
     return train_and_save(
         out=settings.out,
         backbone=backbone,
-        classes=dataset.classes,
-        train_items=dataset.splits.get("train", []),
-        val_items=dataset.splits.get("val", []),
-        test_items=dataset.splits.get("test", []),
+        classes=classes,
+        train_items=splits.get("train", []),
+        val_items=splits.get("val", []),
+        test_items=splits.get("test", []),
         config=config,
         augment=settings.augment_config(),
         preprocess_policy=settings.policy(),
@@ -372,7 +444,81 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
         target_fpr=settings.target_fpr,
         state_dir=state_dir,
         resume=settings.resume,
+        holdout_plan=plan,
     )
+
+
+def _dataset_generators(classes: list[str], splits: dict[str, Any]) -> list[str]:
+    """Generator names of a dataset: its classes, then generators seen only in test."""
+    names = list(classes[1:])
+    for items in splits.values():
+        for item in items:
+            if item.is_fake and item.group is not None and item.group not in names:
+                names.append(item.group)
+    return names
+
+
+def _data_plan(requested: tuple[str, ...], classes: list[str], splits: dict[str, Any]):
+    """The holdout plan for a dataset, refused with the flag's name when it cannot hold."""
+    try:
+        plan = holdout.resolve(requested, _dataset_generators(classes, splits))
+        if not any(g in plan.seen for g in classes[1:]):
+            raise holdout.HoldoutError(
+                f"--holdout-sources: that holds out every training generator ({classes[1:]})"
+            )
+    except holdout.HoldoutError as exc:
+        raise SettingsError([f"invalid setting {setting_name('holdout_sources')}: {exc}"]) from None
+    return plan
+
+
+def _leave_one_out(settings: TrainSettings) -> dict[str, Any] | None:
+    """One run per held-out generator (or family), each into ``OUT/holdout-NAME``."""
+    assert settings.leave_one_out is not None
+    if settings.synthetic:
+        generators = list(settings.synthetic_names()[1:])
+    else:
+        assert settings.data is not None
+        try:
+            dataset = read_dataset(
+                settings.data, settings.layout, train_generator=settings.train_generator
+            )
+        except DatasetError as exc:
+            raise SettingsError(
+                [f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]
+            ) from None
+        generators = [g for g in _dataset_generators(dataset.classes, dataset.splits)]
+    groups = holdout.groups(generators, settings.leave_one_out)
+    if len(groups) < 2:
+        raise SettingsError(
+            [
+                f"invalid setting {setting_name('leave_one_out')}: needs at least two "
+                f"{settings.leave_one_out}s to leave out, the data has {generators}"
+            ]
+        )
+    runs: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
+    for name, members in groups:
+        one = settings.model_copy(
+            update={
+                "holdout_sources": members,
+                "leave_one_out": None,
+                "out": settings.out / f"holdout-{name}",
+            }
+        )
+        log.info("leave-one-out: holding out %s (%s)", name, ", ".join(members))
+        trained = _train(one)
+        if trained is None:
+            continue
+        seen_unseen = trained.manifest.metrics["test"]["seen_unseen"]
+        reports[name] = seen_unseen
+        runs[name] = {"held_out": list(members), **report(trained)}
+    if not runs:
+        return None
+    return {
+        "leave_one_out": settings.leave_one_out,
+        "summary": holdout.leave_one_out_summary(reports),
+        "runs": runs,
+    }
 
 
 def report(trained: TrainedCheckpoint) -> dict[str, Any]:
@@ -411,9 +557,18 @@ def run(args: argparse.Namespace) -> int:
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
+        if settings.leave_one_out:
+            loo = _leave_one_out(settings)
+            if loo is not None:
+                print(leave_one_out_table(loo["summary"]), file=sys.stderr)
+                print(json.dumps(loo, indent=2, default=str))
+            return EXIT_OK
         trained = _train(settings)
     finally:
         distributed.shutdown()
     if trained is not None:
+        seen_unseen = (trained.manifest.metrics.get("test") or {}).get("seen_unseen")
+        if seen_unseen:
+            print(seen_unseen_table(seen_unseen), file=sys.stderr)
         print(json.dumps(report(trained), indent=2, default=str))
     return EXIT_OK

@@ -20,11 +20,17 @@ from clipguard.detector.backbones import BackboneSpec, build_encoder
 from clipguard.detector.checkpoint import Manifest, new_detector, save_checkpoint
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.preprocess import PreprocessConfig
-from clipguard.training import modes, zoo
+from clipguard.training import holdout, modes, zoo, zoo_families
 from clipguard.training.augment import NO_AUGMENT, AugmentConfig
 from clipguard.training.calibrate import calibrate
 from clipguard.training.data import DetectorDataset, LabelledImage
-from clipguard.training.evaluate import Scored, engine_logits, score_items, summarize
+from clipguard.training.evaluate import (
+    Scored,
+    engine_logits,
+    score_items,
+    seen_unseen,
+    summarize,
+)
 from clipguard.training.loop import TrainConfig, TrainResult, fit, seed_everything
 
 SYNTHETIC_NOTICE = (
@@ -80,12 +86,23 @@ def train_and_save(
     target_fpr: float | None = None,
     state_dir: Path | None = None,
     resume: Path | None = None,
+    holdout_plan: holdout.HoldoutPlan | None = None,
 ) -> TrainedCheckpoint | None:
     """Build, fit, calibrate, evaluate through the serving engine, save.
 
     Returns ``None`` on torchrun ranks other than 0 (they train, rank 0 does the rest).
+    With ``holdout_plan`` the item lists are checked for leaks before anything trains, the
+    plan goes into the manifest (``training.holdout``) and ``metrics.test.seen_unseen``
+    splits the per-generator rows into seen and unseen.
     """
     started = time.perf_counter()
+    if holdout_plan is not None:
+        if list(classes) != holdout_plan.classes:
+            raise holdout.HoldoutError(
+                f"classes {list(classes)} are not the plan's {holdout_plan.classes}"
+            )
+        splits = {"train": train_items, "val": val_items, "test": test_items}
+        holdout.check_no_leak(holdout_plan, classes, splits)
     seed_everything(config.seed)  # the encoder's random init is part of the run's identity
     encoder = build_encoder(backbone)
     preprocess: PreprocessConfig = encoder.preprocess
@@ -128,6 +145,8 @@ def train_and_save(
         }
     if config.mode == "last-n":
         training["last_n"] = config.last_n
+    if holdout_plan is not None:
+        training["holdout"] = holdout_plan.manifest_info()
     manifest = Manifest(
         version=version or f"{backbone.name}-{config.mode}-{stamp}",
         backbone=encoder.model_config,
@@ -153,6 +172,10 @@ def train_and_save(
     if test_items:
         test_scores = score_items(engine, test_items)
         metrics["test"] = summarize(test_scores, engine.classes, engine.threshold)
+        if holdout_plan is not None:
+            metrics["test"]["seen_unseen"] = seen_unseen(
+                metrics["test"]["per_generator"], holdout_plan.held_out
+            )
     manifest = manifest.model_copy(update={"metrics": metrics})
     manifest = save_checkpoint(detector, manifest, out)
     return TrainedCheckpoint(out, manifest, result, time.perf_counter() - started, test_scores)
@@ -172,26 +195,50 @@ def train_synthetic(
     target_fpr: float | None = None,
     state_dir: Path | None = None,
     resume: Path | None = None,
+    sources: Sequence[str] | None = None,
+    holdout_sources: Sequence[str] = (),
 ) -> TrainedCheckpoint | None:
-    """The demo's and the tests' detector: the tiny backbone on the synthetic zoo."""
+    """The demo's and the tests' detector: the tiny backbone on the synthetic zoo.
+
+    ``sources`` picks generators and families of :mod:`zoo_families` (default: the original
+    zoo, generated exactly as before); ``holdout_sources`` keeps some out of train and val
+    and reports them as unseen (the protocol in :mod:`clipguard.training.holdout`).
+    """
     backbone = backbone or BackboneSpec()
     config = config or TrainConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine", seed=seed)
     augment = augment or synthetic_augment()
-    classes = list(zoo.SOURCES)
+    names = zoo_families.expand([zoo.REAL, *(sources or zoo.GENERATORS)])
+    info: dict[str, Any] = {"data": "synthetic zoo", "notice": SYNTHETIC_NOTICE}
+    plan = None
+    if names == zoo.SOURCES and not holdout_sources:
+        classes = list(zoo.SOURCES)
+        splits = {
+            "train": zoo_items(n_train, size=image_size, seed=seed, classes=classes),
+            "val": zoo_items(n_val, size=image_size, seed=seed + 1, classes=classes),
+            "test": zoo_items(n_test, size=image_size, seed=seed + 2, classes=classes),
+        }
+    else:
+        plan = holdout.resolve(holdout_sources, names[1:], families=zoo_families.FAMILIES)
+        classes = plan.classes
+        splits = holdout.synthetic_splits(
+            plan, n_train=n_train, n_val=n_val, n_test=n_test, size=image_size, seed=seed
+        )
+        info["synthetic_sources"] = list(names)
     return train_and_save(
         out=out,
         backbone=backbone,
         classes=classes,
-        train_items=zoo_items(n_train, size=image_size, seed=seed, classes=classes),
-        val_items=zoo_items(n_val, size=image_size, seed=seed + 1, classes=classes),
-        test_items=zoo_items(n_test, size=image_size, seed=seed + 2, classes=classes),
+        train_items=splits["train"],
+        val_items=splits["val"],
+        test_items=splits["test"],
         config=config,
         augment=augment,
         version=f"synthetic-{backbone.name}-{config.mode}-seed{seed}",
-        extra_training_info={"data": "synthetic zoo", "notice": SYNTHETIC_NOTICE},
+        extra_training_info=info,
         target_fpr=target_fpr,
         state_dir=state_dir,
         resume=resume,
+        holdout_plan=plan,
     )
 
 

@@ -142,3 +142,25 @@ def seen_unseen_table(report: dict[str, Any]) -> str:
         mean["status"] = f"{summary['n_generators']} gen"
         rows.append((f"mean {status}", mean))
     return table(rows, SEEN_UNSEEN_COLUMNS, SEEN_UNSEEN_HEADERS)
+
+
+def leave_one_out_table(summary: dict[str, Any]) -> str:
+    """Per held-out group: its unseen generators' mean, next to that run's seen mean."""
+    columns = ("u_bal", "u_auc", "u_ap", "s_bal", "s_auc")
+    headers = ("unseen bal acc", "unseen AUC", "unseen AP", "seen bal acc", "seen AUC")
+
+    def row(unseen: dict[str, Any], seen: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "u_bal": unseen.get("mean_balanced_accuracy"),
+            "u_auc": unseen.get("mean_auc"),
+            "u_ap": unseen.get("mean_ap"),
+            "s_bal": seen.get("mean_balanced_accuracy"),
+            "s_auc": seen.get("mean_auc"),
+        }
+
+    rows = [
+        (f"held out {name}", row(group["unseen"], group["seen"]))
+        for name, group in summary["groups"].items()
+    ]
+    rows.append(("mean", row(summary["mean"]["unseen"], summary["mean"]["seen"])))
+    return table(rows, columns, headers)
