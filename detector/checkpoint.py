@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from clipguard.detector.backbones import BackboneSpec, Encoder, build_encoder, rebuild_encoder
 from clipguard.detector.errors import BackboneError, CheckpointError
 from clipguard.detector.heads import Detector, FeatureNorm
+from clipguard.detector.multilayer import MultilayerSpec
 from clipguard.detector.policy import Policy
 from clipguard.detector.preprocess import PreprocessConfig
 
@@ -94,6 +95,9 @@ class Manifest(BaseModel):
     head: Literal["binary+source"] = "binary+source"
     #: ``l2``: features are L2-normalised before the heads (``--mode layernorm``).
     feature_norm: FeatureNorm = "none"
+    #: RINE's head over every block's CLS token (``--mode multilayer``); absent: the heads
+    #: read the encoder's final features (every checkpoint before it loads unchanged).
+    multilayer: MultilayerSpec | None = None
     #: ``included``: the encoder's weights are in the file. ``pretrained``: heads only, the
     #: encoder comes from open_clip's ``pretrained`` tag at load (imported published heads).
     backbone_weights: Literal["included", "pretrained"] = "included"
@@ -144,12 +148,15 @@ class Manifest(BaseModel):
 
 
 def new_detector(
-    encoder: Encoder, classes: list[str], feature_norm: FeatureNorm = "none"
+    encoder: Encoder,
+    classes: list[str],
+    feature_norm: FeatureNorm = "none",
+    multilayer: MultilayerSpec | None = None,
 ) -> Detector:
-    return Detector(encoder.module, encoder.feature_dim, len(classes), feature_norm)
+    return Detector(encoder.module, encoder.feature_dim, len(classes), feature_norm, multilayer)
 
 
-HEAD_PREFIXES = ("binary_head.", "source_head.")
+HEAD_PREFIXES = ("binary_head.", "source_head.", "block_head.")
 
 
 def _stored_state(detector: Detector, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -182,8 +189,15 @@ def save_checkpoint(detector: Detector, manifest: Manifest, path: str | Path) ->
             f"the detector normalises features {detector.feature_norm!r}, the manifest says "
             f"{manifest.feature_norm!r}: they must agree"
         )
+    if manifest.multilayer is not None and detector.multilayer != manifest.multilayer:
+        raise CheckpointError(
+            f"the detector's multilayer head is {detector.multilayer!r}, the manifest says "
+            f"{manifest.multilayer!r}: they must agree"
+        )
     state = _stored_state(detector, manifest)
-    manifest = manifest.model_copy(update={"sha256": weights_sha256(state)})
+    # The head's shape comes from the model itself, like the weights' hash.
+    update = {"sha256": weights_sha256(state), "multilayer": detector.multilayer}
+    manifest = manifest.model_copy(update=update)
     manifest_json = manifest.model_dump_json(indent=2)
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +258,13 @@ def load_checkpoint(path: str | Path) -> tuple[Detector, Manifest]:
             f"{manifest.sha256[:12]}…): the checkpoint is corrupt or was edited"
         )
     encoder = _encoder_for(manifest, path)
-    detector = Detector(encoder, manifest.feature_dim, len(manifest.classes), manifest.feature_norm)
+    detector = Detector(
+        encoder,
+        manifest.feature_dim,
+        len(manifest.classes),
+        manifest.feature_norm,
+        manifest.multilayer,
+    )
     _load_weights(detector, state, manifest, path)
     detector.eval()
     if not manifest.sha256:

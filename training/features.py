@@ -1,4 +1,9 @@
-"""Frozen-encoder features, computed once and cached: what makes ``linear`` mode fast.
+"""Frozen-encoder outputs, computed once and cached: what makes ``linear`` and
+``multilayer`` mode fast.
+
+``linear`` caches the encoder's final features (N, D); ``multilayer`` every block's CLS
+token (N, blocks, width). The two never share a cache file: the multilayer key hashes a tag
+of its own and its files are named ``blocks-*`` (``features-*`` for linear, unchanged).
 
 Under torchrun every rank encodes its share of the images and all ranks receive all
 features. Optionally the cache is kept on disk as safetensors, keyed by everything that
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 class FeatureSet:
     """Encoder outputs with their labels; ``dropped`` counts undecodable images."""
 
-    features: torch.Tensor  # (N, D) float32
+    features: torch.Tensor  # (N, D) float32, or (N, blocks, width) for multilayer
     is_fake: torch.Tensor  # (N,) float32
     source: torch.Tensor  # (N,) long
     dropped: int = 0
@@ -45,6 +50,8 @@ class FeatureSet:
 
 def cache_key(detector: Detector, dataset: DetectorDataset) -> str:
     digest = hashlib.sha256()
+    if detector.multilayer is not None:
+        digest.update(b"multilayer:ln_post(cls) per block|")
     digest.update(weights_sha256(detector.encoder.state_dict()).encode())
     digest.update(dataset.preprocess_cfg.model_dump_json().encode())
     digest.update(dataset.augment_cfg.model_dump_json().encode())
@@ -75,12 +82,12 @@ def _encode(
     ):
         dropped += bad
         if len(pixels):
-            feats.append(detector.features(pixels.to(device)).float().cpu())
+            feats.append(detector.encode(pixels.to(device)).float().cpu())
             fakes.append(is_fake)
             sources.append(source)
     if not feats:
-        dim = detector.binary_head.in_features
-        return FeatureSet(torch.empty(0, dim), torch.empty(0), torch.empty(0).long(), dropped)
+        shape = detector.encoded_shape()
+        return FeatureSet(torch.empty(0, *shape), torch.empty(0), torch.empty(0).long(), dropped)
     return FeatureSet(torch.cat(feats), torch.cat(fakes), torch.cat(sources), dropped)
 
 
@@ -95,11 +102,12 @@ def extract(
     progress: bool = True,
     desc: str = "features",
 ) -> FeatureSet:
-    """Features of every item of ``dataset`` (at its current epoch's augmentation)."""
+    """Encoder outputs of every item of ``dataset`` (at its current epoch's augmentation)."""
     started = time.perf_counter()
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"features-{cache_key(detector, dataset)}.safetensors"
+        kind = "blocks" if detector.multilayer is not None else "features"
+        path = Path(cache_dir) / f"{kind}-{cache_key(detector, dataset)}.safetensors"
         if path.is_file():
             try:
                 cached = load_file(str(path))

@@ -1,8 +1,9 @@
 """The fine-tuning loop: Adam over the trainable weights and both heads (arXiv 2404.08788).
 
-One loop for every mode. ``full``, ``lora``, ``last-n`` and ``layernorm`` feed pixels through
-the model (DistributedDataParallel under torchrun, AMP on CUDA, gradient accumulation); ``linear``
-feeds features cached once from the frozen encoder straight into the heads. Every epoch is
+One loop for every mode. ``full``, ``lora``, ``last-n``, ``layernorm`` and ``svd`` feed pixels
+through the model (DistributedDataParallel under torchrun, AMP on CUDA, gradient accumulation);
+``linear`` and ``multilayer`` feed encoder outputs cached once from the frozen encoder (final
+features, or every block's CLS token) straight into the trained head. Every epoch is
 scored on the validation set by average precision (ties broken by accuracy): the best epoch's
 weights are kept, ``patience`` epochs without a better one stop the run early, and the state
 needed to resume is written after each epoch.
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from clipguard.detector.errors import CheckpointError
 from clipguard.detector.heads import Detector, DetectorOutput
-from clipguard.training import distributed, features, modes
+from clipguard.training import distributed, features, modes, svd
 from clipguard.training.data import UNKNOWN_SOURCE, DetectorDataset, collate_valid
 from clipguard.training.distributed import DistInfo
 from clipguard.training.metrics import average_precision
@@ -69,13 +70,20 @@ class TrainConfig(BaseModel):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     last_n: int = Field(default=2, ge=1)
+    #: SVD mode: singular directions kept frozen per attention weight; None = all but one
+    #: (a rank-1 residual, Effort's setting for CLIP ViT-L/14).
+    svd_rank: int | None = Field(default=None, ge=0)
+    #: SVD mode: weight of the orthogonality regulariser (mean over adapted weights).
+    svd_orth_weight: float = Field(default=1.0, ge=0)
+    #: SVD mode: weight of the singular-value (energy) regulariser.
+    svd_sv_weight: float = Field(default=1.0, ge=0)
     #: Micro-batches per optimizer step (effective batch = batch_size x accumulate).
     accumulate: int = Field(default=1, ge=1)
     #: Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
     amp: bool = True
     #: Stop after this many epochs without a better validation AP; None trains every epoch.
     patience: int | None = Field(default=None, ge=1)
-    #: Linear mode: keep cached features here (safetensors) across runs.
+    #: Linear and multilayer modes: keep cached encoder outputs here (safetensors) across runs.
     feature_cache: Path | None = None
 
 
@@ -177,6 +185,8 @@ class Feed:
     sharded: bool
     ddp: DistributedDataParallel | None = None
     feature_seconds: float | None = None
+    #: Extra loss on the weights, added to every step's (``svd`` mode's regularisers).
+    regulariser: Callable[[], torch.Tensor] | None = None
 
 
 @torch.inference_mode()
@@ -270,7 +280,7 @@ def _linear_feed(
     device: torch.device,
     info: DistInfo,
 ) -> Feed:
-    """Encode once (a fixed augmented copy of the training set), then train heads on it."""
+    """Encode once (a fixed augmented copy of the training set), then train the head on it."""
     common = {
         "batch_size": max(8, config.batch_size),
         "device": device,
@@ -288,7 +298,8 @@ def _linear_feed(
     seconds = train.seconds + (val.seconds if val is not None else 0.0)
     if info.is_main:
         log.info(
-            "linear mode: %d train and %d val features cached in %.1fs (%d undecodable)",
+            "%s mode: %d train and %d val encodings cached in %.1fs (%d undecodable)",
+            config.mode,
             len(train),
             len(val) if val is not None else 0,
             seconds,
@@ -310,7 +321,7 @@ def _linear_feed(
         if val is None:
             return None
         with torch.inference_mode():
-            out = detector.classify(val.features.to(device))
+            out = detector.classify(detector.embed(val.features.to(device)))
         return ValOutputs(
             out.binary_logit.float().cpu(), out.source_logits.float().cpu(), val.is_fake, val.source
         )
@@ -318,7 +329,7 @@ def _linear_feed(
     return Feed(
         batches=batches,
         batches_per_epoch=full_batches,
-        forward=detector.classify,
+        forward=lambda encoded: detector.classify(detector.embed(encoded)),
         validate=validate,
         sharded=False,
         feature_seconds=seconds,
@@ -455,7 +466,7 @@ def _train_epoch(
 ) -> EpochStats:
     autocast, scaler = _autocast(device, config)
     detector.train()
-    if config.mode == "linear":
+    if config.mode in modes.CACHED_MODES:
         detector.encoder.eval()
     started = time.perf_counter()
     total_loss = hits = seen = skipped = 0.0
@@ -487,6 +498,8 @@ def _train_epoch(
                 loss = detector_loss(
                     out.binary_logit, out.source_logits, is_fake, source, config.source_loss_weight
                 )
+            if feed.regulariser is not None:  # fp32, outside autocast
+                loss = loss + feed.regulariser()
             scaled = loss * (weight / config.accumulate)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if last_micro:
@@ -543,6 +556,7 @@ def fit(
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
         last_n=config.last_n,
+        svd_rank=config.svd_rank,
     )
     detector.to(device)
     expected = {"mode": config.mode, **(state_info or {})}
@@ -564,13 +578,17 @@ def fit(
         result.resumed_from_epoch = run.epoch
         if info.is_main:
             log.info("resuming after epoch %d (best so far: epoch %d)", run.epoch, run.best_epoch)
-    feed = (_linear_feed if config.mode == "linear" else _pixel_feed)(
+    feed = (_linear_feed if config.mode in modes.CACHED_MODES else _pixel_feed)(
         detector, train_set, val_set, config, device, info
     )
+    if config.mode == "svd":
+        feed.regulariser = lambda: svd.regulariser(
+            detector.encoder, config.svd_orth_weight, config.svd_sv_weight
+        )
     result.feature_seconds = feed.feature_seconds
     steps_per_epoch = max(1, math.ceil(feed.batches_per_epoch / config.accumulate))
     total_steps = max(1, config.epochs * steps_per_epoch)
-    heads_only = config.mode == "linear" and device.type == "cpu"
+    heads_only = config.mode in modes.CACHED_MODES and device.type == "cpu"
     while run.epoch < config.epochs:
         with _intra_op_threads(1 if heads_only else None):
             stats = _train_epoch(detector, feed, optimizer, config, run, total_steps, device, info)
@@ -608,6 +626,7 @@ def fit(
             for name, tensor in run.best.items():
                 params[name].copy_(tensor)
     result.history, result.best_epoch = run.history, run.best_epoch
+    result.trainable.update(modes.mode_info(detector))
     detector.eval().to("cpu")
     return result
 
