@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from clipguard.bench.onnx_rates import measure_onnx
 from clipguard.bench.probe import cores, source_commit
 from clipguard.bench.report import derive, table
 from clipguard.bench.stages import (
+    draft_agreement,
     kafka_crc_mode,
     measure_broker,
     measure_decode,
@@ -67,6 +69,7 @@ from clipguard.detector import (
 )
 from clipguard.detector.backbones import TINY_BACKBONE
 from clipguard.detector.preprocess import MAX_VIEWS
+from clipguard.detector.process_engine import ProcessEngine
 from clipguard.devbroker.broker import EmbeddedBroker
 from clipguard.training import zoo
 from clipguard.training.presets import DATA_VIEWS
@@ -111,6 +114,7 @@ class BenchSettings(ClipguardSettings):
     skip_memory: bool = False
     skip_onnx: bool = False
     skip_views: bool = False
+    skip_model_process: bool = False
     #: The view count compared with one view (default: clipguard train's default for --data).
     views: int = Field(default=DATA_VIEWS, ge=1, le=MAX_VIEWS)
 
@@ -142,6 +146,7 @@ BENCH_HELP = {
     "skip_memory": "leave out the memory burst",
     "skip_onnx": "leave out the ONNX Runtime comparison",
     "skip_views": "leave out the views cost",
+    "skip_model_process": "leave out the worker with the model in a process of its own",
     "views": "views compared with one",
 }
 
@@ -395,6 +400,11 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
     note(f"decode+preprocess: one thread for {settings.duration:g}s")
     stages["decode"] = measure_decode(mix, cfg, DecodeLimits(), settings.duration)
     note(f"  {stages['decode']['images_per_s_per_core']:.1f} images/s per core")
+    if stages["decode"]["jpeg_draft"]:
+        note("decode+preprocess without DCT scaling (full JPEG decode), for comparison")
+        full = cfg.model_copy(update={"jpeg_draft": False})
+        report["full_decode"] = measure_decode(mix, full, DecodeLimits(), settings.duration)
+        report["full_decode"]["draft_agreement"] = draft_agreement(engine, mix, cfg)
     note("provenance readers: one thread")
     report["provenance"] = measure_provenance(mix, DecodeLimits(), min(2.0, settings.duration))
     report["provenance"]["share_of_decode"] = (
@@ -428,6 +438,12 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
         report["worker"] = measure_peak(env, engine, mix, events)
         peak = report["worker"]["events_per_s"]
         note(f"  {peak:.1f} events/s")
+        if not settings.skip_model_process:
+            note("worker, model in a process of its own: the same backlog")
+            factory = partial(InferenceEngine.from_checkpoint, checkpoint, engine.config)
+            with ProcessEngine(factory) as remote:
+                report["worker_model_process"] = measure_peak(env, remote, mix, events)
+            note(f"  {report['worker_model_process']['events_per_s']:.1f} events/s")
 
         if not settings.skip_naive:
             note(f"naive consumer: one event at a time for up to {naive_seconds:g}s")

@@ -39,6 +39,12 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
             "meets_target": ratio >= EFFICIENCY_TARGET,
             "vs_serial": worker["events_per_s"] / serial,
         }
+    separate = report.get("worker_model_process")
+    if worker and separate:
+        report["efficiency"]["model_process_ratio"] = separate["events_per_s"] / limit
+        report["efficiency"]["model_process_gain"] = (
+            separate["events_per_s"] / worker["events_per_s"]
+        )
     naive = report.get("naive")
     if worker and naive:
         report["batching"] = {
@@ -126,15 +132,30 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{'    fp32 / bf16 weights':<30}{'':>10}  {precision['skipped']}")
     lines += onnx_lines(report.get("onnx"), model["images_per_s"], machine["dtype"])
     lines += views_lines(report.get("views"))
+    draft = " (JPEGs DCT-scaled)" if decode.get("jpeg_draft") else ""
     lines += [
         f"{'  decode+preprocess':<30}{_rate(decode['images_per_s']):>10}  images/s = "
         f"{_rate(decode['images_per_s_per_core'])} per core x {decode['cores']} cores "
-        f"({decode['ms_per_image']:.2f} ms/image)",
+        f"({decode['ms_per_image']:.2f} ms/image){draft}",
     ]
+    full = report.get("full_decode")
+    full_kinds = full.get("kinds", {}) if full else {}
     for kind, cost in decode.get("kinds", {}).items():
+        versus = ""
+        if kind in full_kinds:
+            versus = f"; full decode {full_kinds[kind]['ms_per_image']:.1f} ms"
         lines.append(
             f"{'    decode ' + kind:<30}{_rate(1000 / cost['ms_per_image']):>10}  "
-            f"images/s per core ({cost['ms_per_image']:.1f} ms/image)"
+            f"images/s per core ({cost['ms_per_image']:.1f} ms/image{versus})"
+        )
+    if full:
+        agree = full["draft_agreement"]
+        lines.append(
+            f"{'    without DCT scaling':<30}{_rate(full['images_per_s_per_core']):>10}  "
+            f"images/s per core ({full['ms_per_image']:.2f} ms/image): DCT scaling "
+            f"{decode['images_per_s_per_core'] / full['images_per_s_per_core']:.2f}x; scores "
+            f"|delta| max {agree['max_abs_delta']:.4f} p99 {agree['p99_abs_delta']:.4f}, "
+            f"decisions identical {agree['decisions_identical']:.1%}"
         )
     provenance = report.get("provenance")
     if provenance:
@@ -174,6 +195,13 @@ def table(report: dict[str, Any]) -> str:
             f"{'  efficiency':<30}{eff['ratio']:>10.2f}  of the limit, {verdict} the "
             f"target {eff['target']:.2f}; {eff['vs_serial']:.2f} of the shared-core bound"
         )
+        separate = report.get("worker_model_process")
+        if separate:
+            lines.append(
+                f"{'  worker, model process':<30}{_rate(separate['events_per_s']):>10}  "
+                f"events/s, efficiency {eff['model_process_ratio']:.2f}, "
+                f"{eff['model_process_gain']:.2f}x the in-process worker; {_usage(separate)}"
+            )
     else:
         lines.append("  worker: skipped")
     naive = report.get("naive")

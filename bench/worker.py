@@ -29,7 +29,7 @@ from clipguard.bench.stages import BenchError, fill_topic, load_producer
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.running import RunningWorker
 from clipguard.consumer.worker import Worker
-from clipguard.detector.engine import InferenceEngine
+from clipguard.detector.engine import InferenceEngine, ServingEngine
 from clipguard.devbroker.broker import create_topics
 
 MB = 1024 * 1024
@@ -221,7 +221,7 @@ class MetricsProbe:
 
 @contextlib.contextmanager
 def running_worker(
-    settings: WorkerSettings, engine: InferenceEngine, ready_timeout_s: float
+    settings: WorkerSettings, engine: ServingEngine, ready_timeout_s: float
 ) -> Iterator[RunningWorker]:
     """A real Worker serving on a thread; yields once it is warm and owns its partitions."""
     running = RunningWorker(Worker(settings, engine)).start()
@@ -244,9 +244,7 @@ def _settings(env: BenchEnv, topics: Topics) -> WorkerSettings:
     return env.worker_settings(topics.input, topics.output, topics.dlq, topics.group)
 
 
-def measure_peak(
-    env: BenchEnv, engine: InferenceEngine, mix: ImageMix, count: int
-) -> dict[str, Any]:
+def measure_peak(env: BenchEnv, engine: ServingEngine, mix: ImageMix, count: int) -> dict[str, Any]:
     """Drain a backlog of ``count`` events: events/s from readiness to the last verdict read."""
     topics = fresh_topics(env, "peak")
     produce_all(env, topics.input, mix.events("peak", count))

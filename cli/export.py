@@ -23,7 +23,7 @@ from clipguard.detector.checkpoint import load_checkpoint
 from clipguard.detector.decode import decode_image
 from clipguard.detector.onnx_parity import ParityError
 from clipguard.detector.onnx_pipeline import export_onnx
-from clipguard.detector.preprocess import PreprocessConfig, preprocess
+from clipguard.detector.preprocess import PreprocessConfig, decode_min_side, preprocess
 from clipguard.training import zoo
 
 #: Zoo seeds: calibration stands in for training data, parity is measured on other images.
@@ -76,7 +76,10 @@ def folder_pixels(folder: Path, count: int, cfg: PreprocessConfig, seed: int) ->
     if not files:
         raise SettingsError([f"--calibration {folder}: no images found"])
     random.Random(seed).shuffle(files)
-    picked = [preprocess(decode_image(path.read_bytes()), cfg) for path in files[:count]]
+    side = decode_min_side(cfg)
+    picked = [
+        preprocess(decode_image(path.read_bytes(), min_side=side), cfg) for path in files[:count]
+    ]
     return torch.stack(picked).numpy()
 
 

@@ -24,7 +24,7 @@ from clipguard.detector.decode import DEFAULT_FORMATS, DecodeLimits, decode_imag
 from clipguard.detector.engine import EngineConfig, InferenceEngine
 from clipguard.detector.errors import ImageError, ImageTooLargeError
 from clipguard.detector.policy import Policy
-from clipguard.detector.preprocess import MAX_VIEWS, preprocess_views
+from clipguard.detector.preprocess import MAX_VIEWS, decode_min_side, preprocess_views
 from clipguard.provenance import Evidence, ProvenanceReader, ProvenanceSettings, combine
 
 
@@ -119,7 +119,7 @@ def _prepared(
     for path in paths:
         try:
             data = _read(path, limits)
-            image = decode_image(data, limits)
+            image = decode_image(data, limits, decode_min_side(engine.preprocess))
             evidence = tuple(reader.read(data, image)) if reader is not None else ()
             yield path, preprocess_views(image, engine.preprocess), None, evidence
         except (ImageError, OSError) as exc:

@@ -21,7 +21,7 @@ from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import Prediction, ServingEngine
 from clipguard.detector.errors import ClipguardError
 from clipguard.detector.policy import Decision, Policy
-from clipguard.detector.preprocess import preprocess_views
+from clipguard.detector.preprocess import decode_min_side, preprocess_views
 from clipguard.provenance import Evidence, ProvenanceReader, combine
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Judge:
         """Decode and preprocess (any thread but the model's). Never raises."""
         try:
             started = self.clock()
-            image = decode_image(image_bytes, self.limits)
+            image = decode_image(image_bytes, self.limits, decode_min_side(self.engine.preprocess))
             pixels = preprocess_views(image, self.engine.preprocess)  # (V,3,S,S), V per contract
             decode_s = self.clock() - started
         except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome

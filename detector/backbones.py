@@ -115,6 +115,7 @@ def _preprocess_from_open_clip(model: nn.Module) -> PreprocessConfig:
         mean=tuple(cfg.get("mean", OPENAI_CLIP_MEAN)),
         std=tuple(cfg.get("std", OPENAI_CLIP_STD)),
         interpolation=interpolation if interpolation in ("bicubic", "bilinear") else "bicubic",
+        jpeg_draft=True,  # new detectors train on what they serve: see decode_min_side
     )
 
 
@@ -144,7 +145,7 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
     if spec.pretrained is None:
         visual = build_vision_tower(model_config)
         preprocess = PreprocessConfig(
-            image_size=_image_size(model_config["vision_cfg"]["image_size"])
+            image_size=_image_size(model_config["vision_cfg"]["image_size"]), jpeg_draft=True
         )
     else:
         full_model = _load_pretrained(spec)

@@ -51,6 +51,18 @@ class PreprocessConfig(BaseModel):
     aggregate: Aggregate = "mean"
     #: Native crops start on multiples of this many pixels (pixel-grid phase).
     grid: int = Field(default=1, ge=1, le=64)
+    #: Decode JPEGs at a DCT scale (1/2..1/8) when ``resize`` downsizes them anyway; off in
+    #: checkpoints written before it existed, which were trained on full decodes.
+    jpeg_draft: bool = False
+
+
+def decode_min_side(cfg: PreprocessConfig) -> int | None:
+    """The side a JPEG may be DCT-scaled down to for ``cfg``, or None for a full decode.
+
+    Only ``resize`` downsizes the whole image; native crops (``crop``, ``both``) need the
+    pixels as stored, so their generator fingerprints survive.
+    """
+    return cfg.image_size if cfg.jpeg_draft and cfg.policy == "resize" else None
 
 
 def view_boxes(width: int, height: int, cfg: PreprocessConfig) -> list[Box]:

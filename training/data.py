@@ -6,6 +6,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import Dataset
 
 from clipguard.detector.decode import decode_image
 from clipguard.detector.errors import ImageError
-from clipguard.detector.preprocess import PreprocessConfig, preprocess
+from clipguard.detector.preprocess import PreprocessConfig, decode_min_side, preprocess
 from clipguard.training.augment import NO_AUGMENT, AugmentConfig, augment
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,20 @@ class LabelledImage:
     def is_fake(self) -> bool:
         return self.source != 0
 
-    def load(self) -> Image.Image:
+    def load(self, min_side: int | None = None) -> Image.Image:
+        """The image; files through the serving decoder (and its DCT scaling, ``min_side``),
+        so training sees exactly what the worker will see."""
         if self.image is not None:
             return self.image
         assert self.path is not None
-        # The serving decoder, so training sees exactly what the worker will see.
-        return decode_image(self.path.read_bytes())
+        return decode_image(self.path.read_bytes(), min_side=min_side)
 
     def describe(self) -> str:
         return str(self.path) if self.path is not None else f"<in-memory image {id(self):x}>"
+
+
+def _load(item: LabelledImage, min_side: int | None) -> Image.Image:
+    return item.load(min_side)
 
 
 def load_or_none(item: LabelledImage, loader: Callable[[LabelledImage], Image.Image]):
@@ -87,7 +93,7 @@ class DetectorDataset(Dataset):
         self.augment_cfg = augment_cfg
         self.seed = seed
         self.epoch = 0
-        self.loader = loader or LabelledImage.load
+        self.loader = loader or partial(_load, min_side=decode_min_side(preprocess_cfg))
         self.transform = transform
 
     def __len__(self) -> int:

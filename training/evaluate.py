@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipguard.detector.engine import InferenceEngine
-from clipguard.detector.preprocess import PreprocessConfig, preprocess_views
+from clipguard.detector.preprocess import PreprocessConfig, decode_min_side, preprocess_views
 from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage, load_or_none
 from clipguard.training.metrics import (
     average_precision,
@@ -57,7 +57,8 @@ class Scored:
 def _prepare(
     item: LabelledImage, cfg: PreprocessConfig, transform: Transform | None
 ) -> torch.Tensor | None:
-    image = load_or_none(item, LabelledImage.load)
+    min_side = decode_min_side(cfg)  # the engine's decode: DCT-scaled where it serves so
+    image = load_or_none(item, lambda it: it.load(min_side))
     if image is None:
         return None
     if transform is not None:
