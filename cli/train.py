@@ -79,6 +79,10 @@ class TrainSettings(ClipguardSettings):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     last_n: int = Field(default=2, ge=1)
+    #: --mode svd: frozen singular directions per attention weight (default: all but one).
+    svd_rank: int | None = Field(default=None, ge=0)
+    svd_orth_weight: float = Field(default=1.0, ge=0)
+    svd_sv_weight: float = Field(default=1.0, ge=0)
     #: Default for --data: DATA_PREPROCESS (measured, docs/training.md "Choosing the
     #: preprocessing"); --synthetic keeps the zoo's recipe (resize, one view).
     preprocess: Literal["resize", "crop", "both"] | None = None
@@ -180,8 +184,10 @@ class TrainSettings(ClipguardSettings):
         """From scratch learns fast; pretrained CLIP wants a small step (the paper's regime)."""
         if self.lr is not None:
             return self.lr
-        if self.mode == "linear":
+        if self.mode in ("linear", "multilayer"):  # heads only (RINE trains at 1e-3)
             return 1e-3
+        if self.mode == "svd":  # unit singular vectors need a larger step than weights
+            return 1e-3 if self.pretrained is None else 2e-4
         return 1e-3 if self.pretrained is None else 1e-5
 
     def train_config(self) -> TrainConfig:
@@ -199,6 +205,9 @@ class TrainSettings(ClipguardSettings):
             lora_rank=self.lora_rank,
             lora_alpha=self.lora_alpha,
             last_n=self.last_n,
+            svd_rank=self.svd_rank,
+            svd_orth_weight=self.svd_orth_weight,
+            svd_sv_weight=self.svd_sv_weight,
             accumulate=self.accumulate,
             amp=self.amp,
             patience=self.patience,
@@ -288,6 +297,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, "--lora-rank", dest="lora_rank", type=int, help="default 8")
     add_flag(parser, "--lora-alpha", dest="lora_alpha", type=float, help="default 16")
     add_flag(parser, "--last-n", dest="last_n", type=int, help="blocks trained in last-n mode")
+    add_flag(
+        parser,
+        "--svd-rank",
+        dest="svd_rank",
+        type=int,
+        help="svd mode: singular directions kept frozen per attention weight "
+        "(default: all but one, Effort's rank-1 residual)",
+    )
+    add_flag(
+        parser,
+        "--svd-orth-weight",
+        dest="svd_orth_weight",
+        type=float,
+        help="svd mode: orthogonality regulariser weight (default 1)",
+    )
+    add_flag(
+        parser,
+        "--svd-sv-weight",
+        dest="svd_sv_weight",
+        type=float,
+        help="svd mode: singular-value (weight energy) regulariser weight (default 1)",
+    )
     add_flag(
         parser,
         "--preprocess",
