@@ -32,7 +32,7 @@ from clipguard.training.augment import AugmentConfig
 from clipguard.training.folders import DatasetError, carve_splits
 from clipguard.training.layouts import LAYOUTS, read_dataset
 from clipguard.training.loop import TrainConfig
-from clipguard.training.modes import MODES, Mode
+from clipguard.training.modes import MODES, Mode, ModeError
 from clipguard.training.presets import (
     DATA_CROP_GRID,
     DATA_PREPROCESS,
@@ -595,6 +595,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(loo, indent=2, default=str))
             return EXIT_OK
         trained = _train(settings)
+    except ModeError as exc:
+        raise SettingsError([f"invalid setting for --mode {settings.mode}: {exc}"]) from None
     finally:
         distributed.shutdown()
     if trained is not None:

@@ -123,7 +123,8 @@ def test_checkpoint_serves_the_scores_training_reported(pair: Pair) -> None:
     assert torch.allclose(ai_scores, trained.test_scores.ai_scores, atol=1e-6)
     assert torch.allclose(source_probs, trained.test_scores.source_probs, atol=1e-6)
     threshold = manifest.calibration.threshold
-    is_fake = torch.tensor([item.is_fake for item in zoo_items(N_TEST, size=64, seed=2, classes=CLASSES)])
+    items = zoo_items(N_TEST, size=64, seed=2, classes=CLASSES)
+    is_fake = torch.tensor([item.is_fake for item in items])
     accuracy = float(((ai_scores >= threshold) == is_fake).float().mean())
     assert accuracy == pytest.approx(manifest.metrics["test"]["accuracy"])
 

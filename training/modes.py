@@ -30,6 +30,10 @@ MODES: tuple[str, ...] = ("full", "linear", "lora", "last-n", "layernorm", "mult
 CACHED_MODES: tuple[str, ...] = ("linear", "multilayer")
 
 
+class ModeError(ValueError):
+    """A mode's setting does not fit the encoder (an SVD rank, a block count)."""
+
+
 def feature_norm(mode: str) -> FeatureNorm:
     """GenD trains LayerNorms against unit-norm features; every other mode uses raw ones."""
     return "l2" if mode == "layernorm" else "none"
@@ -81,17 +85,20 @@ def prepare(
     if mode == "multilayer" and detector.block_head is None:
         detector.attach_multilayer(spec_for(detector.encoder))
     detector.requires_grad_(mode == "full")
-    if mode == "lora" and not has_lora(detector.encoder):
-        add_lora(detector.encoder, rank=lora_rank, alpha=lora_alpha)
-    elif mode == "svd":
-        if not has_svd_residual(detector.encoder):
-            add_svd_residual(detector.encoder, rank=svd_rank)
-        for parameter in residual_parameters(detector.encoder):
-            parameter.requires_grad_(True)
-    elif mode == "last-n":
-        _unfreeze_last_blocks(detector.encoder, last_n)
-    elif mode == "layernorm":
-        _unfreeze_layernorms(detector.encoder)
+    try:
+        if mode == "lora" and not has_lora(detector.encoder):
+            add_lora(detector.encoder, rank=lora_rank, alpha=lora_alpha)
+        elif mode == "svd":
+            if not has_svd_residual(detector.encoder):
+                add_svd_residual(detector.encoder, rank=svd_rank)
+            for parameter in residual_parameters(detector.encoder):
+                parameter.requires_grad_(True)
+        elif mode == "last-n":
+            _unfreeze_last_blocks(detector.encoder, last_n)
+        elif mode == "layernorm":
+            _unfreeze_layernorms(detector.encoder)
+    except ValueError as exc:
+        raise ModeError(str(exc)) from None
     detector.feature_norm = feature_norm(mode)
     for parameter in _heads(detector):
         parameter.requires_grad_(True)

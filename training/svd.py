@@ -54,7 +54,8 @@ class SVDResidual(nn.Module):
         self.register_buffer("u0", u[:, rank:].to(**cast, copy=True))
         self.register_buffer("s0", s[rank:].to(**cast, copy=True))
         self.register_buffer("vh0", vh[rank:].to(**cast, copy=True))
-        self.register_buffer("norm_sq", w.float().pow(2).sum())
+        # (1,) not a 0-d tensor: state hashing views every buffer as bytes.
+        self.register_buffer("norm_sq", w.float().pow(2).sum().reshape(1))
         self.u = nn.Parameter(u[:, rank:].to(**cast, copy=True))
         self.s = nn.Parameter(s[rank:].to(**cast, copy=True))
         self.vh = nn.Parameter(vh[rank:].to(**cast, copy=True))
@@ -78,7 +79,7 @@ class SVDResidual(nn.Module):
 
     def energy_drift(self, weight: torch.Tensor) -> torch.Tensor:
         """``| ||W_hat||_F^2 - ||W||_F^2 |`` for the rebuilt ``W_hat`` of ``weight``."""
-        return (self(weight).float().pow(2).sum() - self.norm_sq).abs()
+        return (self(weight).float().pow(2).sum() - self.norm_sq[0]).abs()
 
 
 def attention_targets(encoder: nn.Module) -> list[tuple[nn.Module, str]]:
