@@ -185,9 +185,9 @@ _VAE_CONV = {
     for name in ("vae_f4", "vae_f4_sharp")
 }
 _VAE_BIAS = {
-    "vae_f4": zoo._fixed_rng("vae_f4/bias").normal(0, 1.8, (4, 4, 3)).astype(np.float32),
+    "vae_f4": zoo._fixed_rng("vae_f4/bias").normal(0, 3.5, (4, 4, 3)).astype(np.float32),
     "vae_f4_sharp": zoo._fixed_rng("vae_f4_sharp/bias")
-    .normal(0, 1.8, (4, 4, 3))
+    .normal(0, 3.5, (4, 4, 3))
     .astype(np.float32),
 }
 
@@ -232,8 +232,8 @@ def _denoise(
     return img
 
 
-_LINEAR_SIGMAS = tuple(np.linspace(9.0, 1.0, 5))
-_COSINE_SIGMAS = tuple(9.0 * np.cos(np.pi / 2 * np.asarray([0.15, 0.5, 0.85])))
+_LINEAR_SIGMAS = tuple(np.linspace(9.0, 3.0, 5))
+_COSINE_SIGMAS = tuple(3.0 + 6.0 * np.cos(np.pi / 2 * np.asarray([0.15, 0.5, 0.85])))
 
 
 def _ddpm_linear(scene: zoo._Scene, rng: np.random.Generator, size: int) -> Array:
@@ -296,13 +296,13 @@ def _clean_full(scene: zoo._Scene, rng: np.random.Generator, size: int) -> Array
 
 def _peak_p3(scene: zoo._Scene, rng: np.random.Generator, size: int) -> Array:
     """A fixed vertical wave of period 3 px (a peak at a third of the sampling rate)."""
-    amplitude = np.asarray([3.0, 3.4, 2.6], np.float32)
+    amplitude = np.asarray([6.0, 6.8, 5.2], np.float32)
     return _clean_full(scene, rng, size) + _periodic(size, 3.0, None, amplitude)
 
 
 def _peak_grid8(scene: zoo._Scene, rng: np.random.Generator, size: int) -> Array:
     """A fixed 2-D grid of period 8 px (tiled decoding seams)."""
-    amplitude = np.asarray([3.2, 2.8, 3.4], np.float32)
+    amplitude = np.asarray([6.4, 5.6, 6.8], np.float32)
     return _clean_full(scene, rng, size) + _periodic(size, 8.0, 8.0, amplitude)
 
 
