@@ -178,3 +178,20 @@ def test_prepare_trains_only_the_head() -> None:
     assert trainable and all(n.startswith(HEAD_PREFIXES) for n in trainable)
     assert not any(p.requires_grad for p in detector.encoder.parameters())
     assert detector.binary_head.in_features == detector.block_head.spec.proj_dim
+
+
+def test_onnx_export_carries_the_multilayer_head(pair: Pair, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from clipguard.cli.main import main
+
+    out = tmp_path / "ml.onnx"
+    argv = ["export", "--checkpoint", str(pair.multilayer.path), "--format", "onnx"]
+    argv += ["--out", str(out), "--parity-images", "16", "--calibration-images", "8"]
+    assert main(argv) == 0  # the command's own parity check against torch passed
+    onnx_engine = InferenceEngine.from_checkpoint(out, EngineConfig(threads=1))
+    assert onnx_engine.manifest.multilayer == pair.multilayer.manifest.multilayer
+    items = zoo_items(N_TEST, size=64, seed=2, classes=CLASSES)
+    served = score_items(onnx_engine, items).ai_scores
+    assert pair.multilayer.test_scores is not None
+    assert torch.allclose(served, pair.multilayer.test_scores.ai_scores, atol=1e-4)
