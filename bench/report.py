@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clipguard.bench.onnx_rates import onnx_lines
+from clipguard.bench.peer import peer_lines
 from clipguard.bench.views import views_lines
 
 EFFICIENCY_TARGET = 0.9
@@ -258,4 +259,7 @@ def table(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("memory: skipped")
+    peer = peer_lines(report.get("peer"))
+    if peer:
+        lines += ["", *peer]
     return "\n".join(lines)
