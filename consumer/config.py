@@ -36,6 +36,7 @@ from clipguard.consumer.headers import (
 )
 from clipguard.consumer.netguard import parse_cidrs, parse_host_patterns
 from clipguard.detector.decode import DEFAULT_FORMATS
+from clipguard.detector.gpu_decode import DEVICE_PATTERN
 from clipguard.provenance import ProvenanceSettings
 
 
@@ -252,6 +253,10 @@ class WorkerSettings(KafkaSettings):
     #: Run the model in a process of its own (fed through shared memory), so the decode pool
     #: and the Kafka clients never hold its interpreter lock (docs/bench.md).
     model_process: bool = False
+    #: Decode JPEGs in one batch on this CUDA device (nvJPEG) on the model's thread; ``cpu``
+    #: (default) decodes every image on the decode pool. Falls back to the CPU, logged, when
+    #: CUDA or torchvision's device decode is missing. Untested on a GPU (docs/bench.md).
+    jpeg_decode_device: str = "cpu"
     #: Views per image and their aggregation; default: the checkpoint's input contract.
     views: int | None = Field(default=None, ge=1, le=16)
     view_aggregation: Literal["mean", "max"] | None = None
@@ -318,6 +323,14 @@ class WorkerSettings(KafkaSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return comma_separated(value)
+
+    @field_validator("jpeg_decode_device")
+    @classmethod
+    def _decode_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"expected cpu, cuda or cuda:N, got {value!r}")
+        return value
 
     @field_validator("fetch_allow_cidrs")
     @classmethod

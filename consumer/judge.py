@@ -9,8 +9,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import torch
+from PIL import Image
 
 from clipguard.consumer.batching import Pending
+from clipguard.consumer.device_decode import decode_deferred
 from clipguard.consumer.errors import InvalidEventError
 from clipguard.consumer.metrics import WorkerMetrics
 from clipguard.consumer.outcomes import Outcome, event_time, failure, input_ref
@@ -20,6 +22,7 @@ from clipguard.consumer.sources import ImageSources
 from clipguard.detector.decode import DecodeLimits, decode_image
 from clipguard.detector.engine import Prediction, ServingEngine
 from clipguard.detector.errors import ClipguardError
+from clipguard.detector.gpu_decode import BatchJpegDecoder, JpegJob
 from clipguard.detector.policy import Decision, Policy
 from clipguard.detector.preprocess import decode_min_side, preprocess_views
 from clipguard.provenance import Evidence, ProvenanceReader, combine
@@ -56,6 +59,8 @@ class Decoded:
     failure: Outcome | None
     #: Provenance read from the original bytes in the decode stage (docs/provenance.md).
     evidence: tuple[Evidence, ...] = ()
+    #: A JPEG whose pixels the model's thread decodes with its batch (``jpeg_decode_device``).
+    jpeg: JpegJob | None = None
 
 
 def utc_now() -> datetime:
@@ -75,8 +80,10 @@ class Judge:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: WallClock = utc_now,
         provenance: ProvenanceReader | None = None,
+        jpeg_decoder: BatchJpegDecoder | None = None,
     ) -> None:
         self.engine = engine
+        self.jpeg_decoder = jpeg_decoder
         self.provenance = provenance
         self.policy = policy
         self.limits = limits
@@ -120,15 +127,23 @@ class Judge:
         return parse_record(item.record)
 
     def decode(self, item: Pending, upload: Upload, image_bytes: bytes) -> Decoded:
-        """Decode and preprocess (any thread but the model's). Never raises."""
+        """Decode and preprocess (any thread but the model's), or check the header of a JPEG
+        the model's thread decodes on its device. Never raises."""
+        image: Image.Image | None = None
+        pixels: torch.Tensor | None = None
         try:
             started = self.clock()
-            image = decode_image(image_bytes, self.limits, decode_min_side(self.engine.preprocess))
-            pixels = preprocess_views(image, self.engine.preprocess)  # (V,3,S,S), V per contract
+            # A JPEG for the device: header checked here, pixels decoded by ``finish``.
+            job = self.jpeg_decoder.plan(image_bytes) if self.jpeg_decoder else None
+            if job is None:
+                cfg = self.engine.preprocess
+                image = decode_image(image_bytes, self.limits, decode_min_side(cfg))
+                pixels = preprocess_views(image, cfg)  # (V,3,S,S), V per contract
             decode_s = self.clock() - started
         except Exception as exc:  # noqa: BLE001 - every failure becomes this record's outcome
             return self.failed(item, exc, upload)
-        self.metrics.decode_seconds.observe(decode_s)
+        if job is None:  # a deferred JPEG is observed with its device decode
+            self.metrics.decode_seconds.observe(decode_s)
         evidence: tuple[Evidence, ...] = ()
         if self.provenance is not None:  # never raises, bounded in time by its own budget
             report = self.provenance.inspect(image_bytes, image)
@@ -138,7 +153,7 @@ class Judge:
             if report.c2pa_state is not None:
                 self.metrics.c2pa_reads.labels(state=report.c2pa_state).inc()
             self.metrics.provenance_seconds.observe(sum(report.seconds.values()))
-        return Decoded(item, upload, pixels, decode_s, None, evidence)
+        return Decoded(item, upload, pixels, decode_s, None, evidence, job)
 
     def failed(self, item: Pending, exc: BaseException, upload: Upload | None) -> Decoded:
         """Any exception met while preparing ``item``, as its failure outcome."""
@@ -166,6 +181,7 @@ class Judge:
 
     def finish(self, decoded: Sequence[Decoded]) -> list[Outcome]:
         """Inference stage (the model's thread): one batch, one outcome per input, in order."""
+        decoded = decode_deferred(self, decoded)
         started = self.clock()
         ready = [d for d in decoded if d.failure is None]
         predictions: list[Prediction] = []

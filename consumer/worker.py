@@ -42,6 +42,7 @@ from clipguard.consumer.brokerprobe import BrokerProbe
 from clipguard.consumer.committer import Committer, OffsetCommitter, TransactionCommitter
 from clipguard.consumer.config import WorkerSettings
 from clipguard.consumer.deadletter import DeadLetterBrake, DeadLetterLimit
+from clipguard.consumer.device_decode import jpeg_decoder
 from clipguard.consumer.errors import BrokerUnavailableError
 from clipguard.consumer.fit import OutputFitter
 from clipguard.consumer.health import HealthState, MetricsServer
@@ -175,20 +176,22 @@ class Worker:
         )
         # Computed at scrape time, so a stuck loop cannot keep reporting its last value.
         self.metrics.ready.set_function(lambda: 1.0 if self.health.ready() else 0.0)
+        limits = DecodeLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            formats=settings.image_formats,
+        )
         self.judge = Judge(
             engine,
             self.policy,
-            DecodeLimits(
-                max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels,
-                formats=settings.image_formats,
-            ),
+            limits,
             ImageSources.from_settings(settings),
             self.metrics,
             clock,
             provenance=ProvenanceReader(settings.provenance())
             if settings.provenance_enabled
             else None,
+            jpeg_decoder=jpeg_decoder(settings, engine.preprocess, limits),
         )
         self.brake = DeadLetterBrake(
             DeadLetterLimit(
