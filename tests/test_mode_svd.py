@@ -21,6 +21,7 @@ from clipguard.training import modes, svd, zoo
 from clipguard.training.evaluate import score_items
 from clipguard.training.loop import TrainConfig, detector_loss
 from clipguard.training.recipes import TrainedCheckpoint, train_synthetic, zoo_items
+from clipguard.training.state import frozen_fingerprint, trainable_state
 
 CLASSES = list(zoo.SOURCES)
 N_TRAIN, N_VAL, N_TEST = 400, 100, 200
@@ -130,6 +131,9 @@ def test_default_rank_keeps_all_but_one_direction() -> None:
     detector, _ = _prepared(rank=None)
     for residual, original, _ in _residuals(detector):
         assert residual.rank == min(original.shape) - 1 and residual.s.numel() == 1
+    # Rank-1 factors (one column of U): the resumable state still hashes and saves them.
+    assert len(frozen_fingerprint(detector)) == 64
+    assert all(t.is_contiguous() for t in trainable_state(detector).values())
 
 
 def test_a_rank_that_does_not_fit_names_the_flag() -> None:

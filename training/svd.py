@@ -44,6 +44,8 @@ class SVDResidual(nn.Module):
             )
         # copy=True: a buffer and a parameter must never share storage (the optimiser would
         # move the "start" residual along with the trained one).
+        # LAPACK's factors are column-major: standard strides for whatever stores them.
+        u, vh = u.contiguous(), vh.contiguous()
         cast = {"device": w.device, "dtype": w.dtype}
         self.rank = rank
         # The frozen principal directions (for the orthogonality term and the tests).
