@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import image_bytes
 from PIL import Image
+from streams import fresh_topics, produce, read_outputs, running_worker, worker_settings
 
 from clipguard.cli.produce import upload_event
 from clipguard.consumer.batching import Pending
@@ -243,3 +244,25 @@ def test_the_judge_decodes_deferred_jpegs_with_the_batch(tiny_checkpoint: Path) 
         round(p.ai_score, 6) for p in expected
     ]
     assert metrics.registry.get_sample_value("clipguard_decode_seconds_count") == 4
+
+
+@no_cuda
+@pytest.mark.broker
+def test_worker_asked_for_cuda_without_it_judges_on_the_cpu(
+    kafka_bootstrap: str, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    topics = fresh_topics(kafka_bootstrap)
+    jpegs = [_photo(160 + 40 * i, 120, 1 + i % 8) for i in range(6)]
+    events = [(f"k{i}".encode(), upload_event(d, f"gd-{i}")) for i, d in enumerate(jpegs)]
+    events.append((b"bad", upload_event(jpegs[0][: len(jpegs[0]) // 2], "broken")))
+    placed = produce(kafka_bootstrap, topics.input, events)
+    settings = worker_settings(
+        kafka_bootstrap, tiny_checkpoint, topics, jpeg_decode_device="cuda", torch_threads=1
+    )
+    with caplog.at_level(logging.WARNING), running_worker(settings) as worker:
+        assert worker.judge.jpeg_decoder is None  # exactly today's decode stage
+        out = read_outputs(kafka_bootstrap, topics, set(placed))
+    assert "JPEG decode stays on the CPU (cuda requested): CUDA is not available" in caplog.text
+    judged = {v.event_id for v in out.verdicts if v.error is None}
+    assert judged == {f"gd-{i}" for i in range(6)}
+    assert {h["clipguard.error.reason"] for _, _, h in out.dead_letters} == {"corrupt"}
