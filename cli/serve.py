@@ -38,6 +38,8 @@ SERVE_HELP = {
     "max_batch_wait_ms": "a batch closes this long after its first event",
     "device": "auto, cpu, cuda, cuda:N",
     "decode_workers": "decode threads (default: one per core)",
+    "jpeg_decode_device": "cpu, cuda, cuda:N: decode JPEGs in batches on this CUDA device "
+    "(untested on a GPU; docs/bench.md)",
     "fetch_workers": "threads fetching image URLs",
     "fetch_deadline_s": "one event's URL fetch, all retries included",
     "max_inflight": "uncommitted-events cap, at least --max-batch-size; partitions pause above it",
