@@ -94,6 +94,29 @@ def test_native_crops_match_pillow_exactly_in_every_orientation(orientation: int
 
 
 @pytest.mark.parametrize(
+    ("mode", "options", "on_device"),
+    [
+        ("L", {}, True),
+        ("RGB", {"progressive": True}, True),
+        ("RGB", {"subsampling": 2}, True),
+        ("CMYK", {}, False),
+    ],
+)
+def test_greyscale_progressive_subsampled_and_cmyk_jpegs(mode, options, on_device) -> None:
+    """Greyscale, progressive and 4:2:0 JPEGs take the device path; CMYK stays on the CPU."""
+    cfg = PreprocessConfig(image_size=64, policy="crop", views=4, grid=8)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (113, 161, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **options)
+    data = buffer.getvalue()
+    decoder = _emulated(cfg)
+    assert (decoder.plan(data) is not None) == on_device
+    [pixels] = decoder.decode_batch([data])
+    assert isinstance(pixels, torch.Tensor) and torch.equal(pixels, _reference(data, cfg))
+
+
+@pytest.mark.parametrize(
     ("size", "orientation", "cfg", "bound"),
     [
         ((640, 480), 6, PreprocessConfig(image_size=224, views=3), RESAMPLED),
