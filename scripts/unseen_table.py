@@ -162,7 +162,7 @@ def _fmt(value: Any) -> str:
 
 def render(results: dict[str, Any], held_out: tuple[str, ...]) -> str:
     """Summary rows (seen/unseen means, times), then each unseen generator's bal acc / AUC."""
-    summary, per_generator = [], []
+    summary, per_generator, seen_auc = [], [], []
     for key in sorted(results, key=_order):
         r = results[key]
         seen, unseen = r["seen_unseen"]["seen"], r["seen_unseen"]["unseen"]
@@ -182,6 +182,8 @@ def render(results: dict[str, Any], held_out: tuple[str, ...]) -> str:
             )
         )
         rows = {row["generator"]: row for row in r["seen_unseen"]["rows"]}
+        seen_names = r["setup"]["seen"]
+        seen_auc.append((key, {g: _fmt(rows[g]["auc"]) for g in seen_names if g in rows}))
         per_generator.append(
             (
                 key,
@@ -207,7 +209,12 @@ def render(results: dict[str, Any], held_out: tuple[str, ...]) -> str:
         ),
     )
     second = table(per_generator, held_out, held_out)
-    return f"{first}\n\nunseen generators, bal acc / AUC each\n{second}"
+    seen_names = next(iter(results.values()))["setup"]["seen"] if results else []
+    third = table(seen_auc, seen_names, seen_names)
+    return (
+        f"{first}\n\nunseen generators, bal acc / AUC each\n{second}"
+        f"\n\nseen generators, AUC each\n{third}"
+    )
 
 
 MODE_ORDER = ("full", "linear", "lora", "layernorm", "last-n", "multilayer", "svd")
