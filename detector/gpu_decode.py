@@ -20,8 +20,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn import functional as F
 
 from clipguard.detector.decode import DecodeLimits, decode_image
@@ -84,6 +85,24 @@ def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
         pixels = pixels.transpose(-1, -2)
     dims = [d for d, on in ((-2, flip_h), (-1, flip_w)) if on]
     return pixels.flip(dims) if dims else pixels
+
+
+#: A 2 x 2 image whose eight orientations all differ: what ``exif_orientation`` looks at.
+_PROBE = torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8)
+
+
+def exif_orientation(info: dict) -> int:
+    """The orientation ``decode_image`` applies for a header's metadata (1: as stored).
+
+    Pillow's own ``exif_transpose`` runs on a 2 x 2 stand-in carrying the metadata, so an
+    EXIF or XMP block it cannot handle leaves the image as stored here too, as it does there.
+    """
+    stand_in = Image.fromarray(_PROBE.numpy())  # mode L
+    stand_in.info = dict(info)
+    shown = _PROBE
+    with contextlib.suppress(Exception):  # as decode_image: a broken EXIF block, as stored
+        shown = torch.from_numpy(np.array(ImageOps.exif_transpose(stand_in)))
+    return next((o for o in range(1, 9) if torch.equal(orient(_PROBE, o), shown)), 1)
 
 
 def _probe_jpeg() -> bytes:
@@ -180,16 +199,14 @@ class BatchJpegDecoder:
             return None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore")  # corrupt metadata: as decode_image, quietly
                 image = Image.open(io.BytesIO(data), formats=["JPEG"])
-            width, height = image.size
-            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-                return None
-            if width <= 0 or height <= 0 or width * height > self.limits.max_pixels:
-                return None
-            orientation = 1
-            with contextlib.suppress(Exception):  # as decode_image: broken EXIF, as stored
-                orientation = int(image.getexif().get(0x0112, 1))
+                width, height = image.size
+                if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                    return None
+                if width <= 0 or height <= 0 or width * height > self.limits.max_pixels:
+                    return None
+                orientation = exif_orientation(image.info)
         except Exception:  # noqa: BLE001 - the CPU path gives this input its typed error
             return None
         scale = draft_scale(width, height, self.min_side)

@@ -93,6 +93,26 @@ def test_native_crops_match_pillow_exactly_in_every_orientation(orientation: int
     assert torch.equal(pixels, expected)
 
 
+def test_orientation_from_xmp_or_a_broken_exif_block_as_pillow_applies_it() -> None:
+    cfg = PreprocessConfig(image_size=64, policy="crop", views=4, grid=8)
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (112, 160, 3), dtype=np.uint8))
+    with_xmp, broken_exif = io.BytesIO(), io.BytesIO()
+    image.save(with_xmp, format="JPEG", xmp=xmp)
+    image.save(broken_exif, format="JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff")
+    decoder = _emulated(cfg)
+    for data, orientation in [(with_xmp.getvalue(), 6), (broken_exif.getvalue(), 1)]:
+        job = decoder.plan(data)
+        assert job is not None and job.orientation == orientation
+        [pixels] = decoder.decode_batch([data])
+        assert isinstance(pixels, torch.Tensor) and torch.equal(pixels, _reference(data, cfg))
+
+
 @pytest.mark.parametrize(
     ("mode", "options", "on_device"),
     [
