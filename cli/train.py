@@ -517,7 +517,7 @@ def _leave_one_out(settings: TrainSettings) -> dict[str, Any] | None:
             raise SettingsError(
                 [f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]
             ) from None
-        generators = [g for g in _dataset_generators(dataset.classes, dataset.splits)]
+        generators = list(dataset.classes[1:])  # test-only generators are unseen anyway
     groups = holdout.groups(generators, settings.leave_one_out)
     if len(groups) < 2:
         raise SettingsError(
