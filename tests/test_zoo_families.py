@@ -163,3 +163,14 @@ def test_write_tree_lists_sources_and_formats(tmp_path: Path) -> None:
     assert len(files) == 12
     with Image.open(files[0]) as image:
         assert image.format == "WEBP" and image.size == (32, 32)
+
+
+def test_the_original_zoo_alone_is_generated_as_before() -> None:
+    """No camera JPEG without the new families: zoo-only selections equal ``zoo.generate``."""
+    ours = zoo_families.generate(10, seed=2, sources=["real", "zoo"])
+    theirs = zoo.generate(10, seed=2)
+    assert [s.source for s in ours] == [s.source for s in theirs]
+    assert all(
+        np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        for a, b in zip(ours, theirs, strict=True)
+    )

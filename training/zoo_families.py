@@ -25,7 +25,8 @@ spectral    ``peak_p3``,                full resolution plus a faint fixed perio
 ==========  ==========================  ===================================================
 
 ``real`` here is the zoo's camera followed, for a quarter of the images, by a camera-style
-JPEG (quality 70-95): the jpeg family must not be caught by "is it a JPEG" alone. Every
+JPEG (quality 70-95): the jpeg family must not be caught by "is it a JPEG" alone. A selection
+of only the original zoo's generators keeps the zoo's camera as it was (PNG only). Every
 image of every source comes from the zoo's one scene renderer, so only the last steps
 differ. Fingerprint constants are fixed (drawn from a fixed seed), like a decoder's weights;
 generation is deterministic per seed and costs a few milliseconds per 64-px image (numpy +
@@ -192,10 +193,10 @@ _VAE_BIAS = {
 }
 
 
-def _camera(scene: zoo._Scene, rng: np.random.Generator, size: int) -> Array:
-    """The zoo's camera; a quarter of the photos then saved as JPEG (quality 70-95)."""
+def _camera(scene: zoo._Scene, rng: np.random.Generator, size: int, jpeg_prob: float) -> Array:
+    """The zoo's camera; a share of the photos then saved as JPEG (quality 70-95)."""
     img = zoo._real(scene, rng, size)
-    if rng.random() < REAL_JPEG_PROB:
+    if rng.random() < jpeg_prob:
         img = _jpeg(img, int(rng.integers(70, 96)))
     return img
 
@@ -332,16 +333,29 @@ def _check_size(size: int) -> int:
     return int(size)
 
 
-def render(source: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """One RGB image of any source in :data:`ALL_SOURCES` (scene drawn from ``rng`` first)."""
+def render(
+    source: str, rng: np.random.Generator, size: int = 64, *, real_jpeg: float = REAL_JPEG_PROB
+) -> Image.Image:
+    """One RGB image of any source in :data:`ALL_SOURCES` (scene drawn from ``rng`` first).
+
+    ``real_jpeg``: the share of ``real`` photos saved as JPEG (0 is the zoo's own camera).
+    """
     if source not in ALL_SOURCES:
         raise ValueError(f"unknown source {source!r}; known sources are {list(ALL_SOURCES)}")
     size = _check_size(size)
     if source in zoo.GENERATORS:
         return zoo.render(source, rng, size)
     scene = zoo._sample_scene(rng)
-    renderer = _camera if source == REAL else _RENDERERS[source]
-    return Image.fromarray(_to_uint8(renderer(scene, rng, size)))
+    if source == REAL:
+        img = _camera(scene, rng, size, real_jpeg)
+    else:
+        img = _RENDERERS[source](scene, rng, size)
+    return Image.fromarray(_to_uint8(img))
+
+
+def real_jpeg_for(sources: Sequence[str]) -> float:
+    """Camera JPEG only next to the new families; the original zoo alone keeps PNG reals."""
+    return REAL_JPEG_PROB if any(s in NEW_GENERATORS for s in sources) else 0.0
 
 
 def generate(
@@ -365,8 +379,9 @@ def generate(
     size = _check_size(size)
     plan = zoo._source_plan(n, names, real_fraction)
     np.random.default_rng(seed).shuffle(plan)
+    jpeg = real_jpeg_for(names)
     return [
-        ZooSample(render(src, np.random.default_rng([seed, i]), size), src)
+        ZooSample(render(src, np.random.default_rng([seed, i]), size, real_jpeg=jpeg), src)
         for i, src in enumerate(plan)
     ]
 
@@ -394,6 +409,7 @@ def write_tree(
     counts = zoo._split_counts(n_per_source, splits)
     pil_format, ext = _FORMATS[fmt.lower()]
     options = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(pil_format, {})
+    jpeg = real_jpeg_for(names)
     for src in names:
         index = 0
         for split, count in counts.items():
@@ -401,7 +417,8 @@ def write_tree(
             folder.mkdir(parents=True, exist_ok=True)
             for j in range(count):
                 rng = np.random.default_rng([seed, ALL_SOURCES.index(src), index, 2])
-                render(src, rng, size).save(folder / f"{j:05d}{ext}", pil_format, **options)
+                image = render(src, rng, size, real_jpeg=jpeg)
+                image.save(folder / f"{j:05d}{ext}", pil_format, **options)
                 index += 1
     manifest = {"sources": list(names), "size": size, "seed": seed, "format": pil_format.lower()}
     (root / "zoo.json").write_text(json.dumps({**manifest, "splits": counts}, indent=2) + "\n")
