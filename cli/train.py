@@ -19,11 +19,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
+from clipguard.cli.holdout_runs import data_plan, leave_one_out
 from clipguard.consumer.config import (
     ClipguardSettings,
     SettingsError,
     comma_separated,
-    setting_name,
 )
 from clipguard.detector.backbones import TINY_BACKBONE, BackboneSpec
 from clipguard.detector.preprocess import MAX_VIEWS
@@ -453,7 +453,7 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
     log.info("dataset %s", json.dumps(dataset.summary()))
     classes, splits, plan = dataset.classes, dataset.splits, None
     if settings.holdout_sources:
-        plan = _data_plan(settings.holdout_sources, dataset.classes, dataset.splits)
+        plan = data_plan(settings.holdout_sources, dataset.classes, dataset.splits)
         classes, splits = plan.classes, holdout.apply(plan, dataset.classes, dataset.splits)
         log.info("holding out %s; training on real + %s", plan.held_out, plan.seen)
     return train_and_save(
@@ -477,79 +477,6 @@ def _train(settings: TrainSettings) -> TrainedCheckpoint | None:
         resume=settings.resume,
         holdout_plan=plan,
     )
-
-
-def _dataset_generators(classes: list[str], splits: dict[str, Any]) -> list[str]:
-    """Generator names of a dataset: its classes, then generators seen only in test."""
-    names = list(classes[1:])
-    for items in splits.values():
-        for item in items:
-            if item.is_fake and item.group is not None and item.group not in names:
-                names.append(item.group)
-    return names
-
-
-def _data_plan(requested: tuple[str, ...], classes: list[str], splits: dict[str, Any]):
-    """The holdout plan for a dataset, refused with the flag's name when it cannot hold."""
-    try:
-        plan = holdout.resolve(requested, _dataset_generators(classes, splits))
-        if not any(g in plan.seen for g in classes[1:]):
-            raise holdout.HoldoutError(
-                f"--holdout-sources: that holds out every training generator ({classes[1:]})"
-            )
-    except holdout.HoldoutError as exc:
-        raise SettingsError([f"invalid setting {setting_name('holdout_sources')}: {exc}"]) from None
-    return plan
-
-
-def _leave_one_out(settings: TrainSettings) -> dict[str, Any] | None:
-    """One run per held-out generator (or family), each into ``OUT/holdout-NAME``."""
-    assert settings.leave_one_out is not None
-    if settings.synthetic:
-        generators = list(settings.synthetic_names()[1:])
-    else:
-        assert settings.data is not None
-        try:
-            dataset = read_dataset(
-                settings.data, settings.layout, train_generator=settings.train_generator
-            )
-        except DatasetError as exc:
-            raise SettingsError(
-                [f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]
-            ) from None
-        generators = list(dataset.classes[1:])  # test-only generators are unseen anyway
-    groups = holdout.groups(generators, settings.leave_one_out)
-    if len(groups) < 2:
-        raise SettingsError(
-            [
-                f"invalid setting {setting_name('leave_one_out')}: needs at least two "
-                f"{settings.leave_one_out}s to leave out, the data has {generators}"
-            ]
-        )
-    runs: dict[str, Any] = {}
-    reports: dict[str, Any] = {}
-    for name, members in groups:
-        one = settings.model_copy(
-            update={
-                "holdout_sources": members,
-                "leave_one_out": None,
-                "out": settings.out / f"holdout-{name}",
-            }
-        )
-        log.info("leave-one-out: holding out %s (%s)", name, ", ".join(members))
-        trained = _train(one)
-        if trained is None:
-            continue
-        seen_unseen = trained.manifest.metrics["test"]["seen_unseen"]
-        reports[name] = seen_unseen
-        runs[name] = {"held_out": list(members), **report(trained)}
-    if not runs:
-        return None
-    return {
-        "leave_one_out": settings.leave_one_out,
-        "summary": holdout.leave_one_out_summary(reports),
-        "runs": runs,
-    }
 
 
 def report(trained: TrainedCheckpoint) -> dict[str, Any]:
@@ -589,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         if settings.leave_one_out:
-            loo = _leave_one_out(settings)
+            loo = leave_one_out(settings, _train, report)
             if loo is not None:
                 print(leave_one_out_table(loo["summary"]), file=sys.stderr)
                 print(json.dumps(loo, indent=2, default=str))
