@@ -28,8 +28,11 @@ peer: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clipguard demo $(ARGS)
 
+# Two phases (scripts/test.sh): the suite on TEST_WORKERS processes, then the fault-injection
+# suite alone. ARGS go to pytest; ARGS with -m run that selection only.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	TEST_WORKERS=$(TEST_WORKERS) sh scripts/test.sh $(PY) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
