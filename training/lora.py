@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from clipguard.training.attention import attention_projections
+
 
 class LoRADelta(nn.Module):
     """Parametrization ``W -> W + scale * B @ A`` for a (out, in) weight."""
@@ -34,30 +36,11 @@ class LoRADelta(nn.Module):
         return weight + delta.to(weight.dtype)
 
 
-def _targets(encoder: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every attention projection in the transformer blocks."""
-    transformer = getattr(encoder, "transformer", None)
-    blocks = getattr(transformer, "resblocks", None)
-    if blocks is None:
-        raise ValueError("LoRA needs an open_clip VisionTransformer (transformer.resblocks)")
-    targets: list[tuple[nn.Module, str]] = []
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if isinstance(getattr(attn, "in_proj_weight", None), torch.Tensor):
-            targets.append((attn, "in_proj_weight"))
-        out_proj = getattr(attn, "out_proj", None)
-        if isinstance(getattr(out_proj, "weight", None), torch.Tensor):
-            targets.append((out_proj, "weight"))
-    if not targets:
-        raise ValueError("found no attention projections to adapt in the encoder")
-    return targets
-
-
 def add_lora(encoder: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
     """Freeze the encoder, adapt its attention projections; returns the trainable params."""
     encoder.requires_grad_(False)
     trainable: list[nn.Parameter] = []
-    for module, name in _targets(encoder):
+    for module, name in attention_projections(encoder, "lora"):
         weight = getattr(module, name)
         delta = LoRADelta(weight.shape[0], weight.shape[1], rank, alpha).to(
             device=weight.device, dtype=weight.dtype

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from clipguard.training.attention import attention_projections
+
 
 class SVDResidual(nn.Module):
     """Parametrization of a (out, in) weight: frozen top-``rank`` part + trained residual."""
@@ -85,21 +87,8 @@ class SVDResidual(nn.Module):
 
 
 def attention_targets(encoder: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every block's ``in_proj_weight`` and ``out_proj.weight``."""
-    blocks = getattr(getattr(encoder, "transformer", None), "resblocks", None)
-    if blocks is None:
-        raise ValueError("--mode svd needs an open_clip VisionTransformer (transformer.resblocks)")
-    targets: list[tuple[nn.Module, str]] = []
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if isinstance(getattr(attn, "in_proj_weight", None), torch.Tensor):
-            targets.append((attn, "in_proj_weight"))
-        out_proj = getattr(attn, "out_proj", None)
-        if isinstance(getattr(out_proj, "weight", None), torch.Tensor):
-            targets.append((out_proj, "weight"))
-    if not targets:
-        raise ValueError("--mode svd found no attention projections in the encoder")
-    return targets
+    """The projections Effort decomposes: every block's attention in and out weights."""
+    return attention_projections(encoder, "svd")
 
 
 def _residuals(encoder: nn.Module) -> list[tuple[SVDResidual, torch.Tensor]]:
