@@ -60,7 +60,7 @@ class ImportSettings(ClipguardSettings):
     name: str | None = None
     backbone: str = TINY_BACKBONE
     pretrained: str | None = None
-    preprocess: Literal["resize", "crop"] = "resize"
+    preprocess: Literal["resize", "crop", "scale_first"] = "resize"
     image_size: int | None = Field(default=None, gt=0, le=4096)
     source_name: str | None = None
     licence: str | None = None
@@ -139,7 +139,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(foreign, "--name", help="model name in metrics (default onnx:<encoder stem>)")
     add_flag(parser, "--backbone", help=f"open_clip model name (default {TINY_BACKBONE})")
     add_flag(parser, "--pretrained", help="open_clip tag or local backbone weights file")
-    add_flag(parser, "--preprocess", choices=["resize", "crop"], help="resize (default) or crop")
+    add_flag(
+        parser,
+        "--preprocess",
+        choices=["resize", "crop", "scale_first"],
+        help="resize (default), crop, or scale_first (torchvision Resize + CenterCrop order)",
+    )
     add_flag(parser, "--image-size", dest="image_size", type=int, help="input side in pixels")
     add_flag(parser, "--source-name", dest="source_name", help="where the head came from")
     add_flag(parser, "--licence", help="the head's licence, recorded in the manifest")

@@ -85,7 +85,7 @@ class TrainSettings(ClipguardSettings):
     svd_sv_weight: float = Field(default=1.0, ge=0)
     #: Default for --data: DATA_PREPROCESS (measured, docs/training.md "Choosing the
     #: preprocessing"); --synthetic keeps the zoo's recipe (resize, one view).
-    preprocess: Literal["resize", "crop", "both"] | None = None
+    preprocess: Literal["resize", "crop", "both", "scale_first"] | None = None
     views: int | None = Field(default=None, ge=1, le=MAX_VIEWS)
     view_aggregation: Literal["mean", "max"] | None = None
     #: Native crop offsets on multiples of this (default 8: JPEG blocks, x2/x4/x8 upsamplers).
@@ -322,7 +322,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(
         parser,
         "--preprocess",
-        choices=("resize", "crop", "both"),
+        choices=("resize", "crop", "both", "scale_first"),
         help=f"stored in the checkpoint (default for --data: {DATA_PREPROCESS})",
     )
     parser.add_argument(

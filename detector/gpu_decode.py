@@ -168,6 +168,9 @@ class BatchJpegDecoder:
     ) -> BatchJpegDecoder:
         """The decoder for the ``jpeg_decode_device`` setting, its choice logged."""
         device, reason = resolve_decode_device(requested)
+        if cfg.policy == "scale_first" and device.type != "cpu":
+            # Its views are cut from the whole scaled image, which the tensor path does not do.
+            device, reason = torch.device("cpu"), "the scale_first policy decodes on the CPU"
         if requested != "cpu":
             if device.type == "cpu":
                 log.warning("JPEG decode stays on the CPU (%s requested): %s", requested, reason)

@@ -23,7 +23,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: Upper bound on views per image: the engine's work per upload stays bounded.
 MAX_VIEWS = 16
 
-Policy = Literal["resize", "crop", "both"]
+Policy = Literal["resize", "crop", "both", "scale_first"]
+#: Policies that scale the whole image down (so JPEGs may decode at a DCT scale).
+DOWNSIZING: frozenset[str] = frozenset({"resize", "scale_first"})
 Aggregate = Literal["mean", "max"]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -35,7 +37,11 @@ class PreprocessConfig(BaseModel):
     ``resize`` is CLIP's default (shortest side to ``image_size``, centre crop); ``crop``
     takes native-resolution crops (UniversalFakeDetect), which keep the high-frequency
     generator fingerprints a resize would blur away; ``both`` scores the resized whole image
-    and native crops together. ``views`` boxes per image (docs/training.md "Views"), their
+    and native crops together. ``scale_first`` scales the whole image (short side to
+    ``image_size``, long side rounded) and then cuts the square: torchvision's Resize +
+    CenterCrop order, which published probes were fitted on (``resize`` cuts first, so its
+    filter never reads outside the square and its centre may sit up to half a pixel apart).
+    ``views`` boxes per image (docs/training.md "Views"), their
     binary logits aggregated by ``aggregate``. Defaults are what checkpoints written before
     views meant: one view, offsets unsnapped (``grid`` 1).
     """
@@ -59,20 +65,30 @@ class PreprocessConfig(BaseModel):
 def decode_min_side(cfg: PreprocessConfig) -> int | None:
     """The side a JPEG may be DCT-scaled down to for ``cfg``, or None for a full decode.
 
-    Only ``resize`` downsizes the whole image; native crops (``crop``, ``both``) need the
-    pixels as stored, so their generator fingerprints survive.
+    Only ``resize`` and ``scale_first`` downsize the whole image; native crops (``crop``,
+    ``both``) need the pixels as stored, so their generator fingerprints survive.
     """
-    return cfg.image_size if cfg.jpeg_draft and cfg.policy == "resize" else None
+    return cfg.image_size if cfg.jpeg_draft and cfg.policy in DOWNSIZING else None
+
+
+def scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``scale_first``: the whole image with its short side at ``size`` (long side rounded)."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
 
 
 def view_boxes(width: int, height: int, cfg: PreprocessConfig) -> list[Box]:
     """The squares an image is scored through, at most ``cfg.views``, first = training's view.
 
     An image smaller than the crop has one view: its centre square scaled up (as before views).
+    For ``scale_first`` the boxes are in the scaled image (:func:`scaled_size`), already
+    ``image_size`` square.
     """
     size, short, count = cfg.image_size, min(width, height), cfg.views
     if cfg.policy == "resize":
         return strip_boxes(width, height, count)
+    if cfg.policy == "scale_first":
+        return strip_boxes(*scaled_size(width, height, size), count)
     crops = crop_boxes(width, height, size, count, cfg.grid) if short >= size else []
     if cfg.policy == "crop":
         return crops or [centre_box(width, height, short)]
@@ -81,13 +97,33 @@ def view_boxes(width: int, height: int, cfg: PreprocessConfig) -> list[Box]:
 
 
 def _render(image: Image.Image, box: Box, cfg: PreprocessConfig) -> Image.Image:
-    """Crop then resize (not ``resize(box=...)``, whose filter reads pixels outside the box)."""
+    """Crop then resize (not ``resize(box=...)``, whose filter reads pixels outside the box),
+    or for ``scale_first`` exactly that: the box's pixels of the whole image scaled."""
     size = cfg.image_size
+    if cfg.policy == "scale_first":
+        return _render_scaled(image, box, cfg)
     if box.side != image.width or box.side != image.height:
         image = image.crop(box.pil())
     if box.side != size:
         image = image.resize((size, size), _RESAMPLE[cfg.interpolation])
     return image
+
+
+#: ``scale_first`` scales the whole image up to this aspect ratio, as the published pipelines
+#: do; longer strips are scaled through the box's source region instead (Pillow's box resize),
+#: so a 1 x 40M strip never becomes a giant intermediate (a few grey levels apart there).
+SCALE_WHOLE_MAX_ASPECT = 4
+
+
+def _render_scaled(image: Image.Image, box: Box, cfg: PreprocessConfig) -> Image.Image:
+    """A box of the whole image scaled to :func:`scaled_size` (``scale_first``)."""
+    scaled_w, scaled_h = scaled_size(image.width, image.height, cfg.image_size)
+    resample = _RESAMPLE[cfg.interpolation]
+    if max(scaled_w, scaled_h) <= SCALE_WHOLE_MAX_ASPECT * min(scaled_w, scaled_h):
+        return image.resize((scaled_w, scaled_h), resample).crop(box.pil())
+    sx, sy = image.width / scaled_w, image.height / scaled_h
+    source = (box.left * sx, box.top * sy, (box.left + box.side) * sx, (box.top + box.side) * sy)
+    return image.resize((box.side, box.side), resample, box=source)
 
 
 def fit(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:

@@ -46,7 +46,7 @@ class HeadImport(BaseModel):
     backbone: str
     #: open_clip tag (heads-only checkpoint, fetched at load), local file or None (baked in).
     pretrained: str | None
-    preprocess: Literal["resize", "crop"] = "resize"
+    preprocess: Literal["resize", "crop", "scale_first"] = "resize"
     image_size: int | None = Field(default=None, gt=0, le=4096)
     source_name: str = "imported linear head"
     licence: str | None = None
