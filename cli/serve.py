@@ -40,6 +40,8 @@ SERVE_HELP = {
     "decode_workers": "decode threads (default: one per core)",
     "jpeg_decode_device": "cpu, cuda, cuda:N: decode JPEGs in batches on this CUDA device "
     "(untested on a GPU; docs/bench.md)",
+    "model_process": "run the model in a process of its own fed through shared memory, "
+    "out of the GIL's way (measured neither faster nor slower on 2 cores; docs/bench.md)",
     "fetch_workers": "threads fetching image URLs",
     "fetch_deadline_s": "one event's URL fetch, all retries included",
     "max_inflight": "uncommitted-events cap, at least --max-batch-size; partitions pause above it",
