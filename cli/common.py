@@ -74,3 +74,15 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("kafka", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def read_data(data: Path, layout: Any, train_generator: Any) -> Any:
+    """``read_dataset`` for a command's ``--data``; a bad tree is a settings error naming it."""
+    from clipguard.consumer.config import SettingsError
+    from clipguard.training.folders import DatasetError
+    from clipguard.training.layouts import read_dataset
+
+    try:
+        return read_dataset(data, layout, train_generator=train_generator)
+    except DatasetError as exc:
+        raise SettingsError([f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]) from None

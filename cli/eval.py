@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from clipguard.cli.common import EXIT_OK, add_flag, flag_values
+from clipguard.cli.common import EXIT_OK, add_flag, flag_values, read_data
 from clipguard.consumer.config import (
     CheckpointPath,
     ClipguardSettings,
@@ -31,8 +31,8 @@ from clipguard.training import zoo, zoo_families
 from clipguard.training.align import AlignPolicy, aligned_report
 from clipguard.training.data import UNKNOWN_SOURCE, LabelledImage
 from clipguard.training.evaluate import remap_sources, score_items, seen_unseen, summarize
-from clipguard.training.folders import DatasetError, FolderDataset
-from clipguard.training.layouts import LAYOUTS, read_dataset
+from clipguard.training.folders import FolderDataset
+from clipguard.training.layouts import LAYOUTS
 from clipguard.training.plots import write_plots
 from clipguard.training.report import render
 from clipguard.training.robustness import sweep
@@ -209,12 +209,7 @@ def _items(
         data = {"synthetic": settings.synthetic, "seed": settings.seed + 1000, "sources": names}
         return data, items
     assert settings.data is not None
-    try:
-        dataset = read_dataset(
-            settings.data, settings.layout, train_generator=settings.train_generator
-        )
-    except DatasetError as exc:
-        raise SettingsError([f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]) from None
+    dataset = read_data(settings.data, settings.layout, settings.train_generator)
     split, items = _choose_split(dataset, settings.split)
     if dataset.skipped:
         log.warning("skipped %d files that are not images or not readable", len(dataset.skipped))

@@ -11,10 +11,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from clipguard.cli.common import read_data
 from clipguard.consumer.config import SettingsError, setting_name
 from clipguard.training import holdout
-from clipguard.training.folders import DatasetError
-from clipguard.training.layouts import read_dataset
 from clipguard.training.recipes import TrainedCheckpoint
 
 if TYPE_CHECKING:
@@ -52,12 +51,7 @@ def _generators(settings: TrainSettings) -> list[str]:
     if settings.synthetic:
         return list(settings.synthetic_names()[1:])
     assert settings.data is not None
-    try:
-        dataset = read_dataset(
-            settings.data, settings.layout, train_generator=settings.train_generator
-        )
-    except DatasetError as exc:
-        raise SettingsError([f"invalid setting data (--data / CLIPGUARD_DATA): {exc}"]) from None
+    dataset = read_data(settings.data, settings.layout, settings.train_generator)
     return list(dataset.classes[1:])  # test-only generators are unseen in every run anyway
 
 
