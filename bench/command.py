@@ -29,6 +29,7 @@ from clipguard.bench.mix import ImageMix, large_mix, parse_size, upload_mix, zoo
 from clipguard.bench.naive import measure_naive
 from clipguard.bench.onnx_rates import measure_onnx
 from clipguard.bench.peer import PEERS, PeerRun, measure_peer, prepare_peer
+from clipguard.bench.precision import compare_dtypes
 from clipguard.bench.probe import cores, source_commit
 from clipguard.bench.report import derive, table
 from clipguard.bench.stages import (
@@ -101,6 +102,8 @@ class BenchSettings(ClipguardSettings):
     #: WebP and avatars (bench/mix.py UPLOAD_KINDS), where decode is the CPU's limit.
     mix: Literal["zoo", "uploads"] = "zoo"
     mix_images: int = Field(default=32, ge=1, le=1000)
+    #: Held-out zoo images on which fp32 and bf16 scores and decisions are compared.
+    agreement_images: int = Field(default=400, ge=10, le=10_000)
     image_size: int | None = Field(default=None, ge=16, le=4096)
     quality: int = Field(default=90, ge=1, le=100)
     duration: float = Field(default=5.0, gt=0)
@@ -137,6 +140,7 @@ BENCH_HELP = {
     "naive_events": "backlog for the naive consumer, which stops after 2 x --duration",
     "mix": "zoo JPEGs or an upload-like mix: 8-12 MP phone JPEGs, PNG screenshots, WebP, avatars",
     "mix_images": "distinct files in the mix",
+    "agreement_images": "held-out zoo images on which fp32 and bf16 decisions are compared",
     "image_size": "side of the mix's JPEGs (default 128 for small models, 512 for 224 px ones)",
     "quality": "JPEG quality of the mix",
     "duration": "seconds per stage capacity",
@@ -323,41 +327,6 @@ def _header(settings: BenchSettings, engine: InferenceEngine, mix: ImageMix) -> 
     }
 
 
-def measure_precision(
-    engine: InferenceEngine, checkpoint: Path, settings: BenchSettings, mix: ImageMix
-) -> dict[str, Any]:
-    """Model-only images/s in fp32 and bf16 side by side, and how far their scores differ
-    on the mix: what ``dtype=auto`` decided, and what the other choice would have given."""
-    batch = model_batch(mix, engine.manifest.preprocess, settings.batch_size)
-    rates: dict[str, float] = {}
-    scores: dict[str, torch.Tensor] = {}
-    for dtype in ("float32", "bfloat16"):
-        note(f"model only in {dtype} (precision comparison)")
-        other = InferenceEngine.from_checkpoint(
-            checkpoint,
-            EngineConfig(
-                device="cpu",
-                dtype=dtype,
-                max_batch_size=settings.batch_size,
-                threads=default_torch_threads("cpu", settings.threads),
-            ),
-        )
-        if str(other.dtype).removeprefix("torch.") != dtype:
-            return {"skipped": f"{dtype} fell back ({other.dtype_reason})"}
-        rates[dtype] = measure_model(other, batch, settings.duration)["images_per_s"]
-        scores[dtype] = other.scores(batch)[0]
-    delta = (scores["bfloat16"] - scores["float32"]).abs()
-    return {
-        "chosen": str(engine.dtype).removeprefix("torch."),
-        "reason": engine.dtype_reason,
-        "float32_images_per_s": rates["float32"],
-        "bfloat16_images_per_s": rates["bfloat16"],
-        "bf16_speedup": rates["bfloat16"] / rates["float32"],
-        "max_abs_delta_ai_score": float(delta.max()),
-        "p99_abs_delta_ai_score": float(torch.quantile(delta, 0.99)),
-    }
-
-
 def measure(
     settings: BenchSettings, checkpoint: Path, peer: PeerRun | None = None
 ) -> dict[str, Any]:
@@ -392,7 +361,18 @@ def measure(
     # An .onnx file fixes its own precision and is already ONNX: nothing to compare.
     torch_model = checkpoint.suffix.lower() != ".onnx"
     if engine.device.type == "cpu" and torch_model:
-        report["precision"] = measure_precision(engine, checkpoint, settings, mix)
+        report["precision"] = compare_dtypes(
+            checkpoint,
+            engine,
+            model_batch(mix, cfg, settings.batch_size),
+            settings.agreement_images,
+            EngineConfig(
+                max_batch_size=settings.batch_size,
+                threads=default_torch_threads("cpu", settings.threads),
+            ),
+            settings.duration,
+            note,
+        )
     if engine.device.type == "cpu" and not settings.skip_onnx and torch_model:
         threads = default_torch_threads("cpu", settings.threads)
         report["onnx"] = measure_onnx(

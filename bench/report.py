@@ -125,9 +125,16 @@ def table(report: dict[str, Any]) -> str:
             f"{'    fp32 / bf16 weights':<30}{'':>10}  "
             f"{_rate(precision['float32_images_per_s'])} / "
             f"{_rate(precision['bfloat16_images_per_s'])} images/s "
-            f"(bf16 {precision['bf16_speedup']:.2f}x, |delta ai_score| p99 "
-            f"{precision['p99_abs_delta_ai_score']:.4f}); auto chose {precision['chosen']} "
+            f"(bf16 {precision['bf16_speedup']:.2f}x); auto chose {precision['chosen']} "
             f"({precision['reason']})"
+        )
+        agree = precision
+        lines.append(
+            f"{'    bf16 vs fp32 agreement':<30}{'':>10}  "
+            f"{agree['agreement_images']} held-out zoo images: |delta ai_score| p99 "
+            f"{agree['p99_abs_delta_ai_score']:.4f}, max {agree['max_abs_delta_ai_score']:.4f}; "
+            f"same decisions {agree['same_decisions']:.1%} ({agree['decisions_changed']} "
+            f"changed), same labels {agree['same_labels']:.1%}"
         )
     elif precision:
         lines.append(f"{'    fp32 / bf16 weights':<30}{'':>10}  {precision['skipped']}")

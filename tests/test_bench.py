@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from clipguard.bench.mix import parse_size, zoo_mix
+from clipguard.bench.precision import score_agreement
 from clipguard.bench.report import derive, table
 from clipguard.bench.worker import percentile
 from clipguard.cli.main import main
+from clipguard.detector import EngineConfig, InferenceEngine
 
 SECTIONS = ("machine", "config", "stages", "limit", "worker", "efficiency", "naive", "batching")
 
@@ -46,6 +49,8 @@ def test_bench_tiny_writes_every_section_with_consistent_ratios(
             "1",
             "--mix-images",
             "4",
+            "--agreement-images",
+            "12",
             "--burst",
             "3",
             "--burst-size",
@@ -106,6 +111,18 @@ def test_bench_tiny_writes_every_section_with_consistent_ratios(
     bound = report["config"]["max_batch_wait_ms"] + 2000 * model["batch_seconds_p50"]
     assert _close(latency["bound_ms"], bound)
     assert latency["p99_within_bound_at_50"] == (latency["loads"][0]["p99_ms"] < bound)
+
+    precision = report["precision"]  # fp32 and bf16 side by side, agreement on a held-out zoo
+    if "skipped" not in precision:
+        assert precision["agreement_images"] == 12 and "bf16 vs fp32 agreement" in printed
+        assert precision["p99_abs_delta_ai_score"] <= precision["max_abs_delta_ai_score"]
+        changed = round((1 - precision["same_decisions"]) * 12)
+        assert precision["decisions_changed"] == changed
+        assert _close(
+            precision["bf16_speedup"],
+            precision["bfloat16_images_per_s"] / precision["float32_images_per_s"],
+        )
+        assert precision["chosen"] == report["machine"]["dtype"]
 
     memory = report["memory"]
     assert memory["events"] == 3 and (memory["width"], memory["height"]) == (640, 480)
@@ -232,3 +249,20 @@ def test_the_upload_mix_has_every_kind_in_its_real_format_and_size() -> None:
         image = Image.open(io.BytesIO(data))
         assert (image.format, image.size) == (spec[3], (spec[1], spec[2]))
     assert mix.describe()["count_phone_12mp_jpeg"] == 1
+
+
+def test_score_agreement_counts_labels_and_decisions_that_move(tiny_checkpoint: Path) -> None:
+    engine = InferenceEngine.from_checkpoint(tiny_checkpoint, EngineConfig(dtype="float32"))
+    policy, threshold = engine.manifest.policy, engine.threshold
+    edges = sorted({threshold, policy.review_at, policy.block_at})
+    # One image just under each edge in fp32 and just over it in "bf16", two that stay put.
+    exact = torch.tensor([0.02, *(edge - 0.001 for edge in edges), 0.999])
+    low = torch.tensor([0.02, *(edge + 0.001 for edge in edges), 0.999])
+    agreement = score_agreement(exact, low, engine)
+    count = len(edges) + 2
+    assert agreement["agreement_images"] == count
+    assert agreement["max_abs_delta_ai_score"] == pytest.approx(0.002, abs=1e-6)
+    assert agreement["same_labels"] == (count - 1) / count  # only the threshold's image
+    moved = len({policy.review_at, policy.block_at})  # the images at review_at and block_at
+    assert agreement["decisions_changed"] == moved
+    assert agreement["same_decisions"] == (count - moved) / count
