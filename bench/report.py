@@ -10,6 +10,12 @@ from clipguard.bench.views import views_lines
 
 EFFICIENCY_TARGET = 0.9
 HALF_LOAD = 0.5
+#: Other ways the same backlog was drained, next to the in-process worker: report key, name.
+#: ``own_process`` is the worker alone in its process, as ``clipguard serve`` runs it.
+ALTERNATIVE_WORKERS = (
+    ("worker_model_process", "model_process"),
+    ("worker_own_process", "own_process"),
+)
 
 
 def derive(report: dict[str, Any]) -> dict[str, Any]:
@@ -40,12 +46,17 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
             "meets_target": ratio >= EFFICIENCY_TARGET,
             "vs_serial": worker["events_per_s"] / serial,
         }
-    separate = report.get("worker_model_process")
-    if worker and separate:
-        report["efficiency"]["model_process_ratio"] = separate["events_per_s"] / limit
-        report["efficiency"]["model_process_gain"] = (
-            separate["events_per_s"] / worker["events_per_s"]
-        )
+    for key in ("worker", *(key for key, _ in ALTERNATIVE_WORKERS)):
+        drained = report.get(key)
+        around = drained.get("model_around") if drained else None
+        if around:  # against the model as fast as it was just before and after this drain
+            around["mean"] = (around["before"] + around["after"]) / 2
+            drained["efficiency_vs_model_around"] = drained["events_per_s"] / around["mean"]
+    for key, name in ALTERNATIVE_WORKERS:
+        separate = report.get(key)
+        if worker and separate:
+            report["efficiency"][f"{name}_ratio"] = separate["events_per_s"] / limit
+            report["efficiency"][f"{name}_gain"] = separate["events_per_s"] / worker["events_per_s"]
     naive = report.get("naive")
     if worker and naive:
         report["batching"] = {
@@ -203,13 +214,17 @@ def table(report: dict[str, Any]) -> str:
             f"{'  efficiency':<30}{eff['ratio']:>10.2f}  of the limit, {verdict} the "
             f"target {eff['target']:.2f}; {eff['vs_serial']:.2f} of the shared-core bound"
         )
-        separate = report.get("worker_model_process")
-        if separate:
-            lines.append(
-                f"{'  worker, model process':<30}{_rate(separate['events_per_s']):>10}  "
-                f"events/s, efficiency {eff['model_process_ratio']:.2f}, "
-                f"{eff['model_process_gain']:.2f}x the in-process worker; {_usage(separate)}"
-            )
+        lines += _around_line(worker)
+        for key, name in ALTERNATIVE_WORKERS:
+            separate = report.get(key)
+            if separate:
+                label = f"  worker, {name.replace('_', ' ')}"
+                lines.append(
+                    f"{label:<30}{_rate(separate['events_per_s']):>10}  "
+                    f"events/s, efficiency {eff[f'{name}_ratio']:.2f}, "
+                    f"{eff[f'{name}_gain']:.2f}x the in-process worker; {_usage(separate)}"
+                )
+                lines += _around_line(separate)
     else:
         lines.append("  worker: skipped")
     naive = report.get("naive")
@@ -270,3 +285,14 @@ def table(report: dict[str, Any]) -> str:
     if peer:
         lines += ["", *peer]
     return "\n".join(lines)
+
+
+def _around_line(drained: dict[str, Any]) -> list[str]:
+    around = drained.get("model_around")
+    if not around or "mean" not in around:
+        return []
+    return [
+        f"{'    vs the model around it':<30}{drained['efficiency_vs_model_around']:>10.2f}  "
+        f"of model only just before / after the drain ({_rate(around['before'])} / "
+        f"{_rate(around['after'])} images/s)"
+    ]
