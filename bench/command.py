@@ -287,7 +287,7 @@ class _Bracket:
     def __call__(self, drain: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         result = drain()
         note("  model only again, right after the drain")
-        after = measure_model(self.engine, self.batch, self.duration, min_batches=2)
+        after = measure_model(self.engine, self.batch, self.duration, min_batches=2, warm=True)
         result["model_around"] = {"before": self.before, "after": after["images_per_s"]}
         self.before = after["images_per_s"]
         return result

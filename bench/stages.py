@@ -121,11 +121,17 @@ def model_batch(mix: ImageMix, cfg: PreprocessConfig, batch_size: int) -> torch.
 
 
 def measure_model(
-    engine: InferenceEngine, batch: torch.Tensor, duration_s: float, min_batches: int = 3
+    engine: InferenceEngine,
+    batch: torch.Tensor,
+    duration_s: float,
+    min_batches: int = 3,
+    warm: bool = False,
 ) -> dict[str, Any]:
-    """images/s of ``engine.scores`` on a pre-made batch at the configured size, warmed up."""
-    engine.warm_up()
-    engine.scores(batch)
+    """images/s of ``engine.scores`` on a pre-made batch at the configured size, warmed up
+    first unless ``warm`` says the engine just ran this batch shape."""
+    if not warm:
+        engine.warm_up()
+        engine.scores(batch)
     times: list[float] = []
     with Span() as span:
         while len(times) < min_batches or sum(times) < duration_s:

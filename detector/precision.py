@@ -4,7 +4,8 @@ measured to pay on this model, and its scores agree with fp32.
 On CUDA, ``auto`` is fp16 (autocast). On the CPU, CPU flags alone do not predict the speed of
 bf16 weights and inputs. Measured here with the ViT-B-32 tower, one thread, batch 16: a Xeon VM
 with AVX512-BF16 but no AMX ran bf16 at 0.57-0.64x fp32, an AMD EPYC VM with AVX512-BF16 (and no
-AMX) at 3.85x, the AMX machine the issue was measured on at 4.4x. So ``auto`` on the CPU:
+AMX) at 3.85x, the AMX machine the issue was measured on at 4.4x, an AVX2-only EPYC (no bf16
+flag, bf16 emulated) at 0.15x. So ``auto`` on the CPU:
 
 1. no native bf16 flag (``amx_bf16``, ``avx512_bf16``, Arm's ``bf16``): fp32, nothing timed;
 2. bf16 scores on the probe images differ from fp32 by more than :data:`MAX_SCORE_DELTA`: fp32;
