@@ -24,6 +24,13 @@ QuantizeMode = Literal["static", "dynamic"]
 #: Only the matrix products are quantised: LayerNorm, softmax and GELU stay in fp32, where
 #: int8 costs accuracy in a ViT for little speed.
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+#: Weights quantised to 7 bits (ORT's ``reduce_range``). x86 CPUs without VNNI multiply
+#: uint8 activations by int8 weights with an instruction (``vpmaddubsw``) that saturates
+#: pairs of products at 16 bits; 7-bit weights keep every pair in range. Measured on an
+#: AVX2-only EPYC with an untrained ViT-B-32: p99 |delta ai_score| against torch 0.0454 with
+#: 8-bit weights (the export refused it) and 0.0064 with 7-bit ones, at 0.94x the speed. The
+#: file does not know which CPU will serve it, so it is always written the safe way.
+REDUCE_RANGE = True
 
 
 @contextlib.contextmanager
@@ -78,7 +85,12 @@ def quantize_int8(
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         excluded = fp32_nodes(onnx.load(str(prepared)).graph, QUANTIZED_OPS)
-        done = {"quantize": "int8", "ops": list(QUANTIZED_OPS), "fp32_nodes": len(excluded)}
+        done = {
+            "quantize": "int8",
+            "ops": list(QUANTIZED_OPS),
+            "fp32_nodes": len(excluded),
+            "weight_bits": 7 if REDUCE_RANGE else 8,
+        }
         if mode == "dynamic":
             quantize_dynamic(
                 str(prepared),
@@ -87,6 +99,7 @@ def quantize_int8(
                 nodes_to_exclude=excluded,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                reduce_range=REDUCE_RANGE,
             )
             return {**done, "mode": "dynamic"}
         if calibration is None or len(calibration) == 0:
@@ -99,6 +112,7 @@ def quantize_int8(
             op_types_to_quantize=list(QUANTIZED_OPS),
             nodes_to_exclude=excluded,
             per_channel=True,
+            reduce_range=REDUCE_RANGE,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,

@@ -127,6 +127,29 @@ def test_int8_static_is_close_to_torch_and_batch_independent(
     assert measured["ok"] and measured["max_abs_delta_ai_score"] <= BATCH_MAX_DELTA
 
 
+def test_int8_weights_use_seven_bits_so_cpus_without_vnni_do_not_saturate(
+    exported: dict[str, Any],
+) -> None:
+    """On x86 without VNNI, u8 x s8 products are summed in pairs with 16-bit saturation;
+    weights in [-64, 64] keep every pair in range: 2 x 255 x 64 < 32767 (docs/onnx.md)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(exported["int8"])).graph
+    weights = [
+        numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert weights  # the matrix products were quantised
+    assert all(int(abs(w.astype("int16")).max()) <= 64 for w in weights)
+    assert max(int(abs(w.astype("int16")).max()) for w in weights) == 64  # the range is used
+    record = json.loads(
+        {p.key: p.value for p in onnx.load(str(exported["int8"])).metadata_props}[
+            "clipguard.export"
+        ]
+    )
+    assert record["weight_bits"] == 7
+
+
 def test_dynamic_int8_depends_on_the_batch_which_is_why_static_is_used(
     exported: dict[str, Any], tmp_path: Path
 ) -> None:
