@@ -214,7 +214,7 @@ def table(report: dict[str, Any]) -> str:
             f"{'  efficiency':<30}{eff['ratio']:>10.2f}  of the limit, {verdict} the "
             f"target {eff['target']:.2f}; {eff['vs_serial']:.2f} of the shared-core bound"
         )
-        lines += _around_line(worker)
+        lines += _around_line(worker, report["limit"]["stage"])
         for key, name in ALTERNATIVE_WORKERS:
             separate = report.get(key)
             if separate:
@@ -224,7 +224,7 @@ def table(report: dict[str, Any]) -> str:
                     f"events/s, efficiency {eff[f'{name}_ratio']:.2f}, "
                     f"{eff[f'{name}_gain']:.2f}x the in-process worker; {_usage(separate)}"
                 )
-                lines += _around_line(separate)
+                lines += _around_line(separate, report["limit"]["stage"])
     else:
         lines.append("  worker: skipped")
     naive = report.get("naive")
@@ -287,9 +287,10 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _around_line(drained: dict[str, Any]) -> list[str]:
+def _around_line(drained: dict[str, Any], limit: str) -> list[str]:
+    """Only where the model is the limit: against a decode-bound drain it says nothing."""
     around = drained.get("model_around")
-    if not around or "mean" not in around:
+    if not around or "mean" not in around or limit != "model":
         return []
     return [
         f"{'    vs the model around it':<30}{drained['efficiency_vs_model_around']:>10.2f}  "

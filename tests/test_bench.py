@@ -114,7 +114,7 @@ def test_bench_tiny_writes_every_section_with_consistent_ratios(
             drained["efficiency_vs_model_around"], drained["events_per_s"] / around["mean"]
         )
     assert own["model_around"]["before"] == report["worker_model_process"]["model_around"]["after"]
-    assert "vs the model around it" in printed
+    assert ("vs the model around it" in printed) == (limit["stage"] == "model")
     assert efficiency["meets_target"] == (efficiency["ratio"] >= efficiency["target"] == 0.9)
     assert _close(report["batching"]["gain"], worker["events_per_s"] / naive["events_per_s"])
 
@@ -230,6 +230,16 @@ def test_table_skips_what_was_not_measured() -> None:
     assert "MODEL is the bottleneck" in text
     assert "latency: skipped" in text and "memory: skipped" in text
     assert "batching gain" not in text
+
+
+def test_a_drain_is_set_against_the_model_around_it_only_where_the_model_is_the_limit() -> None:
+    for decode, shown in ((400.0, True), (15.0, False)):
+        report = _report(model=20.0, decode=decode, broker=100.0, worker=12.0, naive=6.0)
+        report["worker"]["model_around"] = {"before": 16.0, "after": 14.0}
+        derived = derive(report)
+        assert _close(derived["worker"]["efficiency_vs_model_around"], 12.0 / 15.0)
+        text = table(derived)
+        assert ("0.80  of model only just before / after the drain" in text) == shown
 
 
 def test_bad_worker_setting_stops_before_measuring(capsys: pytest.CaptureFixture[str]) -> None:
