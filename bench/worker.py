@@ -260,6 +260,20 @@ def measure_peak(env: BenchEnv, engine: ServingEngine, mix: ImageMix, count: int
     finally:
         collector.close()
     seconds = last - ready
+    return drain_result(collector, count, ready, first, last, span.usage(), probe.summary(seconds))
+
+
+def drain_result(
+    collector: Collector,
+    count: int,
+    ready: float,
+    first: float,
+    last: float,
+    usage: dict[str, Any],
+    inside: dict[str, Any],
+) -> dict[str, Any]:
+    """One drain's figures: events/s from readiness to the last verdict read back."""
+    seconds = last - ready
     return {
         "events": count,
         "events_per_s": count / seconds,
@@ -267,8 +281,8 @@ def measure_peak(env: BenchEnv, engine: ServingEngine, mix: ImageMix, count: int
         "first_verdict_s": max(0.0, first - ready),
         "error_verdicts": collector.error_verdicts,
         "dead_letters": collector.dead_letters,
-        **span.usage(),
-        "inside": probe.summary(seconds),
+        **usage,
+        "inside": inside,
     }
 
 

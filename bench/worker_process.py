@@ -24,7 +24,14 @@ from typing import Any
 from clipguard.bench.mix import ImageMix
 from clipguard.bench.probe import process_cpu_seconds
 from clipguard.bench.stages import BenchError
-from clipguard.bench.worker import BenchEnv, Collector, MetricsProbe, fresh_topics, produce_all
+from clipguard.bench.worker import (
+    BenchEnv,
+    Collector,
+    MetricsProbe,
+    drain_result,
+    fresh_topics,
+    produce_all,
+)
 from clipguard.consumer.config import WorkerSettings
 
 #: The child samples its gauges this often: a deployed worker is not scraped every 20 ms.
@@ -119,13 +126,4 @@ def measure_peak_process(
     usage: dict[str, Any] = {"process_cpu_cores": round(cpu / seconds, 2)}
     if broker0 is not None and broker1 is not None:
         usage["broker_cpu_cores"] = round((broker1 - broker0) / seconds, 2)
-    return {
-        "events": count,
-        "events_per_s": count / seconds,
-        "seconds": seconds,
-        "first_verdict_s": max(0.0, first - ready),
-        "error_verdicts": collector.error_verdicts,
-        "dead_letters": collector.dead_letters,
-        **usage,
-        "inside": inside,
-    }
+    return drain_result(collector, count, ready, first, last, usage, inside)
