@@ -275,14 +275,9 @@ class _Bracket:
     second, or the model stage itself) and notes both rates beside the drain's result."""
 
     def __init__(
-        self,
-        engine: InferenceEngine,
-        batch: torch.Tensor,
-        settings: BenchSettings,
-        stages: dict[str, Any],
+        self, engine: InferenceEngine, batch: torch.Tensor, duration_s: float, before: float
     ) -> None:
-        self.engine, self.batch, self.duration = engine, batch, settings.duration
-        self.before = stages["model"]["images_per_s"]
+        self.engine, self.batch, self.duration, self.before = engine, batch, duration_s, before
 
     def __call__(self, drain: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         result = drain()
@@ -406,9 +401,9 @@ def measure(
     note(f"  {stages['model']['images_per_s']:.1f} images/s")
     # An .onnx file fixes its own precision and is already ONNX: nothing to compare.
     torch_model = checkpoint.suffix.lower() != ".onnx"
-    skip_precision = precision_skip_reason(settings.skip_precision, engine.dtype_reason)
-    if engine.device.type == "cpu" and torch_model and skip_precision:
-        report["precision"] = {"skipped": skip_precision}
+    skipped = precision_skip_reason(settings.skip_precision, engine.dtype_reason)
+    if engine.device.type == "cpu" and torch_model and skipped:
+        report["precision"] = {"skipped": skipped}
     elif engine.device.type == "cpu" and torch_model:
         report["precision"] = compare_dtypes(
             checkpoint,
@@ -478,7 +473,12 @@ def measure(
 
         # Each drain is bracketed by model-only runs, so its efficiency can also be read
         # against the model as fast as it was just then (a VM's speed drifts by ~10%).
-        bracket = _Bracket(engine, model_batch(mix, cfg, settings.batch_size), settings, stages)
+        bracket = _Bracket(
+            engine,
+            model_batch(mix, cfg, settings.batch_size),
+            settings.duration,
+            stages["model"]["images_per_s"],
+        )
         note(f"worker: draining a backlog of {events} events (group join takes a few s)")
         report["worker"] = bracket(lambda: measure_peak(env, engine, mix, events))
         peak = report["worker"]["events_per_s"]

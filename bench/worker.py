@@ -259,8 +259,8 @@ def measure_peak(env: BenchEnv, engine: ServingEngine, mix: ImageMix, count: int
             ready = run.ready_at
     finally:
         collector.close()
-    seconds = last - ready
-    return drain_result(collector, count, ready, first, last, span.usage(), probe.summary(seconds))
+    inside = probe.summary(last - ready)
+    return drain_result(collector, count, ready, first, last, span.usage(), inside)
 
 
 def drain_result(

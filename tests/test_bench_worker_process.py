@@ -5,7 +5,6 @@ The precision section's default skip follows the CPU's bf16 support."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -59,11 +58,10 @@ def test_a_worker_process_that_cannot_load_its_model_is_a_clear_error(
     shutil.copytree(tiny_checkpoint, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: safetensors refuses it
-    env = _env(kafka_bootstrap, broken, timeout_s=60)
-    started = time.monotonic()
+    env = _env(kafka_bootstrap, broken, timeout_s=60)  # bounds the wait if it ever hangs
+    # The child's own report, not the parent's timeout ("sent no readiness within ..."):
     with pytest.raises(BenchError, match="the worker process failed"):
         measure_peak_process(env, env.worker_settings("a", "b", "c", "d"), zoo_mix(2, 64), 4)
-    assert time.monotonic() - started < 60  # reported, not waited out
 
 
 def test_precision_is_skipped_by_default_only_without_native_bf16() -> None:
